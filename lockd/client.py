@@ -1,0 +1,463 @@
+"""Python client of lockd: :class:`Client` speaks Varlink to the daemon and rides over its restarts.
+
+Theory of operation
+-------------------
+lockd may be ``kill -9``-ed at any moment and comes back (systemd, through its socket) with
+the leases of its journal. Leases belong to owner *processes*, not to connections, so a lost
+connection loses nothing and the client just asks again: when connecting fails (``ENOENT``: no
+socket file yet; ``ECONNREFUSED``: nobody listens; ``EAGAIN``: backlog full) or the connection
+breaks (``EPIPE``/``ECONNRESET``, EOF before the reply), it reconnects and resends the *same*
+call, backing off from 10 ms to 200 ms.
+
+That is safe because every io.lockd method is idempotent (DESIGN §3): a repeated Acquire or
+Release per (owner, lockspace, resource) gives the same answer and token, Register the same
+owner; ReleaseAll and Inquire report the current state. Admin methods are reads, except
+ForceRelease, whose repeat lists nothing (the lost first reply had the leases). An *error
+reply* is an answer and is never retried. ``call(..., retry=False)`` resends a call only if it
+never reached the kernel, for a method that must not run twice.
+
+``timeout`` bounds each call from its start to its reply, all retries included: a daemon that
+stays away, or accepts and does not answer (hung, or recovering while clients wait in the
+backlog, DESIGN §5.6), for that long gives :class:`~lockd.errors.DaemonUnreachable`, naming the
+socket and the time waited.
+
+:meth:`Client.watch` subscribes on a connection of its own, so the Client can make calls while
+iterating. A broken stream is re-subscribed within ``timeout`` and the daemon's new
+``watching`` event is yielded: events in the gap may be missed, :meth:`Client.inquire`
+resynchronises. Waiting for events has no timeout.
+
+A Client makes one request at a time and is not thread-safe (one per thread), except that
+:meth:`Client.close` may be called from another thread to end a blocked :class:`Watch`.
+Replies are plain dicts with the wire shapes of ``schema/io.lockd*.varlink``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from errno import EAGAIN, ECONNABORTED, ECONNREFUSED, ECONNRESET, ENOENT, ENOTCONN, EPIPE, ETIMEDOUT
+from pathlib import Path
+from typing import Any
+
+from lockd.config import default_admin_socket, default_socket
+from lockd.errors import DaemonUnreachable, PermissionDenied, ProtocolError, from_wire
+from lockd.varlink import Call, Decoder
+
+__all__ = ["Client", "Reply", "Watch"]
+
+Reply = dict[str, Any]
+
+RECV_SIZE = 65536
+BACKOFF_START = 0.010
+BACKOFF_MAX = 0.200
+# Replies are not bounded like requests (ListLeases of 65536 leases is ~26 MB); this only
+# keeps a peer that is not lockd from growing us without bound.
+MAX_REPLY = 128 * 1024 * 1024
+# lockd binds its socket and then chmods/chowns it for socket_group: a group member connecting
+# in between gets EACCES, so EACCES is retried this long before it counts as an answer.
+EACCES_GRACE = 1.0
+
+# Failures after which a new connection may well work: the daemon is starting (ENOENT), dead
+# and not yet restarted (ECONNREFUSED), swamped by reconnecting clients (EAGAIN: an AF_UNIX
+# connect does not wait for backlog room), or died under an open connection (the rest).
+_TRANSIENT = frozenset({ENOENT, ECONNREFUSED, EAGAIN, EPIPE, ECONNRESET, ECONNABORTED, ENOTCONN})
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(ETIMEDOUT, "timed out")
+    return left
+
+
+def _params(**kw: Any) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _unwrap(msg: Reply) -> Reply:
+    """A reply's parameters, or its error raised as the matching lockd.errors class."""
+    if "error" in msg:
+        name, params = msg["error"], msg.get("parameters")
+        if not isinstance(name, str):
+            raise ProtocolError("error reply without an error name", reason="bad-reply")
+        raise from_wire(name, params if isinstance(params, dict) else None)
+    params = msg.get("parameters", {})
+    if not isinstance(params, dict):
+        raise ProtocolError("reply parameters are not an object", reason="bad-reply")
+    return params
+
+
+def _obj(reply: Reply, key: str) -> Reply:
+    value = reply.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"reply has no object {key!r}", reason="bad-reply")
+    return value
+
+
+def _list(reply: Reply, key: str) -> list[Reply]:
+    value = reply.get(key)
+    if not isinstance(value, list):
+        raise ProtocolError(f"reply has no list {key!r}", reason="bad-reply")
+    return value
+
+
+class _Conn:
+    """One connected socket with its decoder; on any failure it is dropped whole."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pid = os.getpid()
+        self.decoder = Decoder(max_message=MAX_REPLY)
+        self.inbox: deque[Reply] = deque()
+        # chunks of an unfinished message: the Decoder rescans its whole buffer for the NUL on
+        # every feed, which is quadratic on a multi-megabyte reply read 64 KiB at a time
+        self.partial: list[bytes] = []
+        self.partial_len = 0
+        self.cancelled = False
+
+    def send(self, data: bytes, deadline: float | None) -> None:
+        self.sock.settimeout(_remaining(deadline))
+        self.sock.sendall(data)
+
+    def receive(self, deadline: float | None) -> Reply:
+        while not self.inbox:
+            self.sock.settimeout(_remaining(deadline))
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionResetError(ECONNRESET, "lockd closed the connection")
+            if b"\0" not in data and self.partial_len + len(data) <= MAX_REPLY:
+                self.partial.append(data)
+                self.partial_len += len(data)
+                continue
+            if self.partial:
+                data = b"".join(self.partial) + data
+                self.partial.clear()
+                self.partial_len = 0
+            self.inbox.extend(self.decoder.feed(data))
+        return self.inbox.popleft()
+
+    @property
+    def idle(self) -> bool:
+        return not self.inbox and not self.partial and not self.decoder.pending
+
+    def close(self, shutdown: bool = False) -> None:
+        # close() alone does not wake a recv() blocked in another thread; shutdown does, but
+        # it would also cut the connection for a parent that we were forked from
+        if shutdown and self.pid == os.getpid():
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class Client:
+    """A blocking connection to lockd (``io.lockd``; with ``admin=True`` ``io.lockd.Admin``).
+
+    The socket is ``socket_path``, else ``$LOCKD_SOCKET`` (``$LOCKD_ADMIN_SOCKET`` for admin),
+    else the default under ``/run/lockd`` or ``$XDG_RUNTIME_DIR/lockd``. The connection is made
+    on the first call. Not thread-safe: one request at a time, one Client per thread.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 30.0,
+        admin: bool = False,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        if socket_path is None:
+            socket_path = default_admin_socket() if admin else default_socket()
+        self.socket_path = Path(socket_path)
+        self.timeout = float(timeout)
+        self._conn: _Conn | None = None
+        self._streams: set[_Conn] = set()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({str(self.socket_path)!r}, timeout={self.timeout:g})"
+
+    def close(self) -> None:
+        """Close the connection and end every open :class:`Watch`; the next call reconnects."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        for conn in list(self._streams):
+            conn.cancelled = True
+            conn.close(shutdown=True)
+        self._streams.clear()
+
+    # -- generic call, with the retry loop ----------------------------------------------------
+
+    def call(
+        self, method: str, parameters: dict[str, Any] | None = None, *, retry: bool = True
+    ) -> Reply:
+        """Call ``method`` (fully qualified) and return the reply's parameters.
+
+        An error reply raises its :mod:`lockd.errors` class; no answer within ``timeout``
+        raises :class:`~lockd.errors.DaemonUnreachable`.
+        """
+        conn, msg = self._exchange(Call(method, parameters or {}), retry=retry, stream=False)
+        if msg.get("continues") or not conn.idle:
+            # more than one reply to a single call: the stream is out of step, start afresh
+            self._drop(conn)
+        return _unwrap(msg)
+
+    def _open(self, deadline: float) -> _Conn:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(_remaining(deadline))
+            sock.connect(os.fspath(self.socket_path))
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock)
+
+    def _drop(self, conn: _Conn | None) -> None:
+        if conn is None:
+            return
+        conn.close()
+        self._streams.discard(conn)
+        if conn is self._conn:
+            self._conn = None
+
+    def _exchange(self, call: Call, *, retry: bool, stream: bool) -> tuple[_Conn, Reply]:
+        """Send ``call`` and return its connection and first reply, riding over restarts."""
+        data = call.encode()
+        start = time.monotonic()
+        deadline = start + self.timeout
+        delay = BACKOFF_START
+        attempts = 0
+        last = ""
+        while True:
+            attempts += 1
+            sent = False
+            conn = None if stream else self._conn
+            if conn is not None and conn.pid != os.getpid():
+                # inherited over fork(): the parent owns this stream; closing our copy of the
+                # fd does not shut it down for the parent
+                self._drop(conn)
+                conn = None
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = self._open(deadline)
+                    if stream:
+                        self._streams.add(conn)
+                    else:
+                        self._conn = conn
+                conn.send(data, deadline)
+                sent = True
+                return conn, conn.receive(deadline)
+            except TimeoutError:
+                self._drop(conn)
+                why = "connected, no reply" if sent else (last or "connect timed out")
+                raise self._unreachable(call, start, attempts, why) from None
+            except ProtocolError:
+                self._drop(conn)
+                raise
+            except OSError as exc:
+                self._drop(conn)
+                denied = isinstance(exc, PermissionError)
+                if denied and time.monotonic() - start >= min(EACCES_GRACE, self.timeout / 2):
+                    raise PermissionDenied(
+                        f"cannot connect to lockd at {self.socket_path}: {exc.strerror}",
+                        reason=f"{self.socket_path}: {exc.strerror}",
+                    ) from exc
+                if not denied and exc.errno not in _TRANSIENT:
+                    raise DaemonUnreachable(
+                        f"talking to lockd at {self.socket_path} failed: {exc}",
+                        socket=str(self.socket_path),
+                        method=call.method,
+                    ) from exc
+                if sent and not retry:
+                    raise self._unreachable(
+                        call, start, attempts, f"{exc}; sent once, not resent"
+                    ) from exc
+                last = str(exc)
+                if reused:
+                    # a connection kept from an earlier call broke: lockd restarted in
+                    # between, and a new one may answer at once
+                    continue
+            except BaseException:
+                # KeyboardInterrupt and the like: the reply may still come and would be
+                # taken for the answer to the next call
+                self._drop(conn)
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._unreachable(call, start, attempts, last)
+            # jitter: after a restart every client reconnects at once; spread them out
+            time.sleep(min(left, delay * random.uniform(0.5, 1.0)))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _unreachable(self, call: Call, start: float, attempts: int, last: str) -> DaemonUnreachable:
+        waited = time.monotonic() - start
+        return DaemonUnreachable(
+            f"lockd at {self.socket_path} did not answer {call.method} within {waited:.2f} s "
+            f"(timeout {self.timeout:g} s, {attempts} attempt(s); last: {last})",
+            socket=str(self.socket_path),
+            method=call.method,
+            waited=round(waited, 3),
+        )
+
+    # -- io.lockd -------------------------------------------------------------------------------
+
+    def register(
+        self,
+        pid: int,
+        *,
+        uuid: str | None = None,
+        name: str | None = None,
+        fence: str | None = None,
+    ) -> Reply:
+        """Register (idempotently) process ``pid`` as an owner; returns the Owner."""
+        params = _params(pid=pid, uuid=uuid, name=name, fence=fence)
+        return _obj(self.call("io.lockd.Register", params), "owner")
+
+    def acquire(
+        self,
+        resource: str | os.PathLike[str],
+        *,
+        owner: str | None = None,
+        pid: int | None = None,
+        lockspace: str | None = None,
+        shared: bool = False,
+        token: int | None = None,
+    ) -> Reply:
+        """Take a lease for the owner (its uuid, or its pid); returns the Lease.
+
+        ``token``: the token the resource's last grant must carry (hand-off), else
+        TokenMismatch. A busy resource raises ResourceBusy (also a BlockingIOError).
+        """
+        params = _params(
+            resource=os.fspath(resource),
+            owner=owner,
+            pid=pid,
+            lockspace=lockspace,
+            mode="shared" if shared else "exclusive",
+            token=token,
+        )
+        return _obj(self.call("io.lockd.Acquire", params), "lease")
+
+    def release(
+        self,
+        resource: str | os.PathLike[str],
+        *,
+        owner: str | None = None,
+        pid: int | None = None,
+        lockspace: str | None = None,
+    ) -> Reply:
+        """Release a lease (also acknowledges a lost one); returns the released Lease."""
+        params = _params(resource=os.fspath(resource), owner=owner, pid=pid, lockspace=lockspace)
+        return _obj(self.call("io.lockd.Release", params), "lease")
+
+    def release_all(self, *, owner: str | None = None, pid: int | None = None) -> list[Reply]:
+        """Release every lease of the owner; returns the released Leases."""
+        return _list(self.call("io.lockd.ReleaseAll", _params(owner=owner, pid=pid)), "leases")
+
+    def inquire(self, *, owner: str | None = None, pid: int | None = None) -> Reply:
+        """The owner and its leases: ``{"owner": Owner, "leases": [Lease, ...]}``."""
+        return self.call("io.lockd.Inquire", _params(owner=owner, pid=pid))
+
+    def watch(self, *, owner: str | None = None, pid: int | None = None) -> Watch:
+        """Subscribe to the owner's events; returns once subscribed (see :class:`Watch`)."""
+        return Watch(self, Call("io.lockd.Watch", _params(owner=owner, pid=pid), more=True))
+
+    # -- io.lockd.Admin (admin socket: Client(admin=True)) and org.varlink.service -------------
+
+    def status(self) -> Reply:
+        return _obj(self.call("io.lockd.Admin.Status"), "status")
+
+    def list_leases(self, lockspace: str | None = None, owner: str | None = None) -> list[Reply]:
+        params = _params(lockspace=lockspace, owner=owner)
+        return _list(self.call("io.lockd.Admin.ListLeases", params), "leases")
+
+    def list_owners(self) -> list[Reply]:
+        return _list(self.call("io.lockd.Admin.ListOwners"), "owners")
+
+    def history(
+        self, limit: int | None = None, owner: str | None = None, resource: str | None = None
+    ) -> list[Reply]:
+        params = _params(limit=limit, owner=owner, resource=resource)
+        return _list(self.call("io.lockd.Admin.History", params), "events")
+
+    def force_release(
+        self,
+        resource: str | os.PathLike[str],
+        lockspace: str | None = None,
+        owner: str | None = None,
+    ) -> list[Reply]:
+        """Release a resource's leases whatever their owner; returns them (see module doc)."""
+        params = _params(resource=os.fspath(resource), lockspace=lockspace, owner=owner)
+        return _list(self.call("io.lockd.Admin.ForceRelease", params), "leases")
+
+    def get_info(self) -> Reply:
+        """vendor, product, version, url, interfaces."""
+        return self.call("org.varlink.service.GetInfo")
+
+    def get_interface_description(self, interface: str) -> str:
+        reply = self.call("org.varlink.service.GetInterfaceDescription", {"interface": interface})
+        return str(reply.get("description", ""))
+
+
+class Watch(Iterator[Reply]):
+    """The events (wire ``Event`` dicts) of one Watch subscription, on its own connection.
+
+    Iterating blocks until the next event. A broken stream is re-subscribed within the
+    Client's timeout (else DaemonUnreachable), and the new subscription's ``watching`` event
+    is yielded. Iteration ends when the daemon ends the stream or on :meth:`close` (or the
+    Client's close, from any thread); an error reply is raised.
+    """
+
+    def __init__(self, client: Client, call: Call) -> None:
+        self._client = client
+        self._call = call
+        conn, first = client._exchange(call, retry=True, stream=True)
+        self._conn: _Conn | None = conn
+        self._first: Reply | None = first
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client._drop(self._conn)
+        self._conn = self._first = None
+
+    def __next__(self) -> Reply:
+        msg, self._first = self._first, None
+        while msg is None:
+            conn = self._conn
+            if conn is None or conn.cancelled:
+                self.close()
+                raise StopIteration
+            try:
+                msg = conn.receive(None)
+            except ProtocolError:
+                self.close()
+                raise
+            except OSError as exc:
+                if conn.cancelled:
+                    continue
+                self.close()
+                if exc.errno not in _TRANSIENT:
+                    raise
+                self._conn, msg = self._client._exchange(self._call, retry=True, stream=True)
+        if not msg.get("continues"):
+            self.close()
+        return _obj(_unwrap(msg), "event")

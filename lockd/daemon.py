@@ -1,0 +1,225 @@
+"""``lockd``: the daemon's entry point. startup -> serve -> shutdown, signals in one place.
+
+Theory of operation: :func:`main` maps flags to a :class:`~lockd.config.Config` and runs
+:class:`Daemon`. Start-up order is the recovery protocol of DESIGN §5:
+
+1. take the state directory's inter-process lock (fasteners) so a second daemon on the same
+   state refuses to start (exit 3, naming the first one's pid) before touching anything;
+2. open and migrate the journal;
+3. bind and listen on both sockets (clients that connect from now on wait in the backlog:
+   the grace period), but accept nothing yet;
+4. recover every journaled lease; 5. start serving, then ``READY=1``.
+
+Shutdown on SIGTERM/SIGINT stops serving and exits 0 *without* releasing anything: the
+leases stay in the journal and the next start re-takes them (with systemd's fd store they
+never drop at all). Releasing is only ever done by a client, an owner's death or an admin.
+
+Exit codes: 0 clean stop; 1 fatal error (journal unusable, socket in use); 2 bad
+configuration or usage; 3 another lockd already runs on this state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+import fasteners
+
+from lockd import __version__, failpoint, notify, ofd
+from lockd.config import Config, ConfigError, load
+from lockd.journal import Journal, JournalUnreadable
+from lockd.leases import LeaseTable
+from lockd.lockspace import Lockspaces
+from lockd.recovery import recover
+from lockd.server import Server
+from lockd.service import GroupCommit, LockService
+
+log = logging.getLogger("lockd")
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
+
+
+class Fatal(Exception):
+    def __init__(self, message: str, code: int = EXIT_FATAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def raise_nofile() -> int:
+    # Every lease is an open fd; the default soft limit (1024) would cap us far below the
+    # lease limit. The hard limit is the administrator's (LimitNOFILE= in the unit).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
+    """A listening UNIX socket at ``path``, created with ``mode`` (never world-accessible)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise Fatal(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            os.unlink(path)  # stale: nobody accepts there
+        else:
+            raise Fatal(f"{path} is in use by another server")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket appears with 0600 at once, not after a chmod race
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group is not None:
+        import grp
+
+        os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop = asyncio.Event()
+
+    def lock_state_dir(self) -> fasteners.InterProcessLock:
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = fasteners.InterProcessLock(str(self.config.lock_path))
+        pidfile = state / "lockd.pid"
+        if not lock.acquire(blocking=False):
+            try:
+                pid = pidfile.read_text().strip()
+            except OSError:
+                pid = "unknown"
+            raise Fatal(f"state directory {state} is in use by another lockd (pid {pid})",
+                        EXIT_RUNNING)
+        pidfile.write_text(f"{os.getpid()}\n")
+        return lock
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        # startup
+        state_lock = self.lock_state_dir()
+        nofile = raise_nofile()
+        try:
+            journal = Journal(self.config.journal_path, self.config.synchronous)
+        except JournalUnreadable as exc:
+            raise Fatal(str(exc)) from None
+        journal.prune(self.config.history_retention)
+        main_sock = bind_socket(self.config.socket, 0o660 if self.config.socket_group else 0o600,
+                                self.config.socket_group)
+        admin_sock = bind_socket(self.config.admin_socket, 0o600, None)
+        lockspaces = Lockspaces(self.config.lockspaces)
+        outcome = recover(journal, lockspaces, stored={})
+        commit = GroupCommit(journal, loop)
+        commit.last_token = outcome.last_token
+        service = LockService(self.config, journal, commit, outcome.table,
+                              notify.FdStore(False), loop)
+        for owner in list(outcome.table.owners.values()):
+            if not service.watch_owner(owner):
+                loop.create_task(service.owner_died(owner, "owner exited during recovery"))
+        for uuid, lost in outcome.to_fence.items():
+            owner = outcome.table.owners.get(uuid)
+            if owner is not None:
+                service.fence(owner, lost)
+        failpoint.hit("recovery.before-ready")
+        server = Server(self.config, service, outcome.report)
+        await server.start(main_sock, admin_sock)
+        log.info("lockd %s ready: %s; %d leases held, fd limit %d", __version__,
+                 outcome.report.summary(), outcome.table.count, nofile,
+                 extra={"LOCKD_EVENT": "ready"})
+        notify.notify(f"READY=1\nSTATUS=serving {outcome.table.count} leases; "
+                      f"recovery: {outcome.report.summary()}")
+        # serve
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        await self.stop.wait()
+        # shutdown
+        notify.notify("STOPPING=1")
+        log.info("stopping; %d leases stay journaled", outcome.table.count,
+                 extra={"LOCKD_EVENT": "stop"})
+        await server.close()
+        commit.flush()
+        journal.close()
+        for sock_path in (self.config.socket, self.config.admin_socket):
+            with contextlib.suppress(OSError):
+                os.unlink(sock_path)
+        state_lock.release()
+        return EXIT_OK
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lockd[%(process)d]: %(levelname)s %(message)s"))
+    root = logging.getLogger("lockd")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="lockd",
+        description="Crash-safe lock manager for virtualization hosts (runs in the foreground).",
+        epilog="Exit codes: 0 stopped, 1 fatal error, 2 bad configuration, "
+        "3 another lockd runs on this state directory. Failpoints for tests: "
+        f"{failpoint.ENV}=NAME[@N][,...] with NAME in {', '.join(failpoint.POINTS)}.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (default /etc/lockd/lockd.conf)")
+    p.add_argument("--state-dir", type=Path, help="journal directory")
+    p.add_argument("--socket", type=Path, help="main (io.lockd) socket path")
+    p.add_argument("--admin-socket", type=Path, help="admin (io.lockd.Admin) socket path")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"lockd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        failpoint.armed_from_env()
+        config = load(args.config, state_dir=args.state_dir, socket=args.socket,
+                      admin_socket=args.admin_socket, log_level=args.log_level)
+    except (ConfigError, ValueError) as exc:
+        print(f"lockd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log_level)
+    try:
+        return asyncio.run(Daemon(config).run())
+    except Fatal as exc:
+        print(f"lockd: {exc}", file=sys.stderr)
+        return exc.code
+    except MemoryError:
+        os.abort()
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"lockd: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

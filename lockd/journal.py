@@ -1,0 +1,335 @@
+"""The journal: one SQLite file, the only module that speaks SQL.
+
+Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases,
+per-resource last tokens, a meta key/value table) that recovery reads whole, and an
+append-only ``events`` table for history, pruned to a retention limit so that neither the
+file nor recovery grows with the number of operations ever done.
+
+- WAL mode, ``synchronous=NORMAL`` by default: a commit is in the OS page cache when
+  ``COMMIT`` returns, which survives any crash of this process (SIGKILL, abort). It may not
+  survive a power loss, and need not: after a reboot every owner is dead and every kernel
+  lock gone, so a journal from another boot is closed out, never replayed (§4.3).
+- The daemon groups the writes of requests that arrive together into one transaction
+  (:meth:`Journal.transaction`, driven by the server's group commit) and replies only after
+  ``COMMIT`` returned.
+- Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
+  :class:`~sqlite_utils.migrations.Migrations`; a journal carrying a migration this build
+  does not know was written by a newer lockd and is refused (never downgraded in place).
+
+The fencing sequence is ``meta.last_token``: the server allocates tokens in memory and the
+batch that grants them stores the new maximum in the same transaction, so a token that was
+ever replied is never handed out again, even across crashes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from lockd.errors import JournalError
+
+MIGRATION_SET = "lockd"
+
+
+class JournalUnreadable(ValueError):
+    """The file is not a lockd journal we can use (corrupt, foreign, or from a newer lockd)."""
+
+
+def _migration_files() -> list[tuple[str, str]]:
+    schema = resources.files("lockd") / "schema"
+    names = sorted(p.name for p in schema.iterdir() if p.name.endswith(".sql"))
+    return [(n.removesuffix(".sql"), (schema / n).read_text()) for n in names]
+
+
+def _migrations() -> Migrations:
+    migrations = Migrations(MIGRATION_SET)
+    for name, sql in _migration_files():
+
+        def apply(db: sqlite_utils.Database, sql: str = sql) -> None:
+            # executescript would COMMIT the migration's transaction; run statement by
+            # statement instead so the migration and its record commit together.
+            code = "\n".join(ln for ln in sql.splitlines() if not ln.lstrip().startswith("--"))
+            for statement in code.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+        migrations(name=name)(apply)
+    return migrations
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything recovery needs, read in one transaction."""
+
+    meta: dict[str, str]
+    owners: list[dict[str, Any]]
+    leases: list[dict[str, Any]]
+
+
+_LEASE_WIRE_SQL = """
+SELECT l.lockspace, l.resource, l.path, l.mode, l.token, l.state, l.acquired_at,
+       o.uuid, o.name, o.pid
+FROM leases l JOIN owners o ON o.uuid = l.owner
+"""
+
+
+def _lease_wire(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
+    ls, resource, path, mode, token, state, at, uuid, name, pid = tuple(row)
+    return {
+        "lockspace": ls,
+        "resource": resource,
+        "path": path,
+        "mode": mode,
+        "owner": {"uuid": uuid, "name": name, "pid": pid},
+        "token": token,
+        "state": state,
+        "acquired_at": at,
+        "continuity": "journal",
+    }
+
+
+_EVENT_COLUMNS = ("seq", "at", "event", "lockspace", "resource", "owner", "pid", "token",
+                  "mode", "reason")
+
+
+class Journal:
+    def __init__(self, path: Path, synchronous: str = "NORMAL", readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            else:
+                conn = sqlite3.connect(str(path))
+            # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
+            conn.isolation_level = None
+            self.db = sqlite_utils.Database(conn)
+            self.conn = conn
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._migrate()
+            else:
+                self._check_known()
+        except sqlite3.DatabaseError as exc:
+            raise JournalUnreadable(f"{path}: not a usable lockd journal ({exc})") from None
+
+    # -- schema -------------------------------------------------------------------------
+    def _check_known(self) -> None:
+        migrations = _migrations()
+        known = {name for name, _ in _migration_files()}
+        applied = {m.name for m in migrations.applied(self.db)}
+        newer = sorted(applied - known)
+        if newer:
+            raise JournalUnreadable(
+                f"{self.path} was written by a newer lockd (schema {', '.join(newer)}); "
+                "refusing to use it"
+            )
+        tables = set(self.db.table_names())
+        if tables and "meta" not in tables and not applied:
+            raise JournalUnreadable(f"{self.path} is an SQLite file, but not a lockd journal")
+
+    def _migrate(self) -> None:
+        self._check_known()
+        _migrations().apply(self.db)
+        if self.get_meta("created_at") is None:
+            with self.transaction():
+                self.set_meta("created_at", str(time.time()))
+                self.set_meta("last_token", "0")
+
+    # -- transactions -------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic batch; a failed commit (ENOSPC, EIO, ...) becomes JournalError."""
+        try:
+            with self.db.atomic():
+                yield
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal write failed: {exc}", reason=str(exc)) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- meta -----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # -- state ----------------------------------------------------------------------------
+    def load(self) -> Snapshot:
+        with self.transaction():
+            meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+            owners = self._dicts("SELECT * FROM owners")
+            leases = self._dicts("SELECT * FROM leases ORDER BY id")
+        return Snapshot(meta, owners, leases)
+
+    def _dicts(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = self.conn.execute(sql, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def put_owner(self, o: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
+            " registered_at) VALUES (:uuid, :name, :pid, :start_time, :boot_id, :uid, :fence,"
+            " :registered_at)",
+            o,
+        )
+
+    def delete_owner(self, uuid: str) -> None:
+        self.conn.execute("DELETE FROM leases WHERE owner = ?", (uuid,))
+        self.conn.execute("DELETE FROM owners WHERE uuid = ?", (uuid,))
+
+    def insert_lease(self, row: dict[str, Any]) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO leases (owner, lockspace, rkey, resource, path, mode, token, state,"
+            " acquired_at, fdname) VALUES (:owner, :lockspace, :rkey, :resource, :path, :mode,"
+            " :token, :state, :acquired_at, :fdname)",
+            row,
+        )
+        self.conn.execute(
+            "INSERT INTO resources (lockspace, rkey, last_token, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (lockspace, rkey) DO UPDATE SET last_token = excluded.last_token,"
+            " updated_at = excluded.updated_at",
+            (row["lockspace"], row["rkey"], row["token"], row["acquired_at"]),
+        )
+        return int(cur.lastrowid or 0)
+
+    def set_lease_state(self, lease_id: int, state: str) -> None:
+        self.conn.execute("UPDATE leases SET state = ? WHERE id = ?", (state, lease_id))
+
+    def delete_lease(self, lease_id: int) -> None:
+        self.conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
+
+    def resource_token(self, lockspace: str, rkey: str) -> int:
+        row = self.conn.execute(
+            "SELECT last_token FROM resources WHERE lockspace = ? AND rkey = ?", (lockspace, rkey)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def close_all(self, event: str, reason: str) -> int:
+        """Close out every lease and owner (a journal from another boot). Returns leases."""
+        now = time.time()
+        n = self.conn.execute("SELECT count(*) FROM leases").fetchone()[0]
+        self.conn.execute(
+            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
+            " reason) SELECT ?, ?, l.lockspace, l.resource, l.rkey, l.owner, o.pid, l.token,"
+            " l.mode, ? FROM leases l JOIN owners o ON o.uuid = l.owner ORDER BY l.id",
+            (now, event, reason),
+        )
+        self.conn.execute("DELETE FROM leases")
+        self.conn.execute("DELETE FROM owners")
+        return int(n)
+
+    # -- history --------------------------------------------------------------------------
+    def event(
+        self,
+        event: str,
+        *,
+        lockspace: str | None = None,
+        resource: str | None = None,
+        rkey: str | None = None,
+        owner: str | None = None,
+        pid: int | None = None,
+        token: int | None = None,
+        mode: str | None = None,
+        reason: str | None = None,
+        at: float | None = None,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
+            " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (at or time.time(), event, lockspace, resource, rkey, owner, pid, token, mode,
+             reason),
+        )
+
+    def last_release(self, owner: str, lockspace: str, rkey: str) -> dict[str, Any] | None:
+        """The newest event of (owner, resource) if it ended the lease, for idempotent
+        Release: repeating a release whose reply was lost answers the same."""
+        rows = self._dicts(
+            "SELECT event, token, mode, resource FROM events"
+            " WHERE owner = ? AND lockspace = ? AND rkey = ? ORDER BY seq DESC LIMIT 1",
+            (owner, lockspace, rkey),
+        )
+        if rows and rows[0]["event"] != "acquire":
+            return rows[0]
+        return None
+
+    def history(
+        self, limit: int = 50, owner: str | None = None, resource: str | None = None
+    ) -> list[dict[str, Any]]:
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if resource is not None:
+            where.append("resource = ?")
+            params.append(resource)
+        sql = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        rows = self._dicts(sql, (*params, limit))
+        rows.reverse()
+        return rows
+
+    def prune(self, retention: int) -> int:
+        """Keep the newest ``retention`` events; forget last tokens nobody can still hold."""
+        with self.transaction():
+            cur = self.conn.execute(
+                "DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?",
+                (retention,),
+            )
+            self.conn.execute(
+                "DELETE FROM resources WHERE updated_at < (SELECT min(at) FROM events)"
+                " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.lockspace ="
+                " resources.lockspace AND l.rkey = resources.rkey)"
+            )
+        return cur.rowcount
+
+    # -- read-only views (lockctl dump) ---------------------------------------------------
+    def wire_leases(self) -> list[dict[str, Any]]:
+        return [_lease_wire(r) for r in self.conn.execute(_LEASE_WIRE_SQL + " ORDER BY l.id")]
+
+    def wire_owners(self) -> list[dict[str, Any]]:
+        return self._dicts(
+            "SELECT o.uuid, o.name, o.pid, o.uid, o.start_time, o.fence, o.registered_at,"
+            " (SELECT count(*) FROM leases l WHERE l.owner = o.uuid) AS leases FROM owners o"
+            " ORDER BY o.registered_at"
+        )
+
+
+def dump(state_dir: Path, history: int = 50) -> dict[str, Any]:
+    """The journal's content in wire shapes, read-only (the daemon may be down)."""
+    from lockd.config import JOURNAL_NAME
+
+    path = state_dir / JOURNAL_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no lockd journal at {path}")
+    journal = Journal(path, readonly=True)
+    try:
+        with journal.transaction():
+            meta = dict(journal.conn.execute("SELECT key, value FROM meta").fetchall())
+            return {
+                "meta": meta,
+                "leases": journal.wire_leases(),
+                "owners": journal.wire_owners(),
+                "events": journal.history(history),
+            }
+    finally:
+        journal.close()

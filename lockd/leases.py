@@ -1,0 +1,242 @@
+"""Owners, leases and their state machine: pure data, no I/O.
+
+Theory of operation: every lease moves through the states below, and the only way to change
+a lease's state is :meth:`Lease.apply`, which looks the (state, event) pair up in
+``TRANSITIONS`` and raises :class:`IllegalTransition` (changing nothing) when the pair is not
+there. The server drives the events in the order the crash protocol demands (DESIGN §4):
+
+    acquire:  kernel lock taken -> ACQUIRING --committed--> HELD        (then reply)
+                                          \\--failed--> RELEASED         (lock dropped)
+    release:  HELD --release--> RELEASING --committed--> RELEASED        (then close fd)
+                                          \\--failed--> HELD             (lock kept)
+    lost:     LOST --release--> RELEASING_LOST --committed--> RELEASED
+    recovery: RECOVERING --adopt|retake--> HELD, --lose--> LOST,
+              --owner-dead--> RELEASING
+
+ACQUIRING and RELEASING leases have a commit in flight; a second request for the same
+(owner, lockspace, resource) waits for it (``Lease.settled``) and then answers from the
+settled state, which is what makes a retried request idempotent even while the first copy
+is still being journaled.
+
+:class:`LeaseTable` indexes leases by (owner, lockspace, resource key) for idempotency and by
+(lockspace, resource key) for administration. Resource keys are ``"dev:ino"`` in the direct
+lockspace (two paths to one inode are one resource: the kernel already sees one lock) and
+the sha256 of the resource string in an indirect one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class State(enum.Enum):
+    RECOVERING = "recovering"
+    ACQUIRING = "acquiring"
+    HELD = "held"
+    LOST = "lost"
+    RELEASING = "releasing"
+    RELEASING_LOST = "releasing-lost"
+    RELEASED = "released"
+
+
+class Event(enum.Enum):
+    COMMITTED = "committed"
+    FAILED = "failed"
+    RELEASE = "release"
+    ADOPT = "adopt"
+    RETAKE = "retake"
+    LOSE = "lose"
+    OWNER_DEAD = "owner-dead"
+
+
+S, E = State, Event
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.ACQUIRING, E.COMMITTED): S.HELD,
+    (S.ACQUIRING, E.FAILED): S.RELEASED,
+    (S.HELD, E.RELEASE): S.RELEASING,
+    (S.RELEASING, E.COMMITTED): S.RELEASED,
+    (S.RELEASING, E.FAILED): S.HELD,
+    (S.LOST, E.RELEASE): S.RELEASING_LOST,
+    (S.RELEASING_LOST, E.COMMITTED): S.RELEASED,
+    (S.RELEASING_LOST, E.FAILED): S.LOST,
+    (S.RECOVERING, E.ADOPT): S.HELD,
+    (S.RECOVERING, E.RETAKE): S.HELD,
+    (S.RECOVERING, E.LOSE): S.LOST,
+    (S.RECOVERING, E.OWNER_DEAD): S.RELEASING,
+}
+
+# What a client sees: in-flight states show as where they came from or are going.
+WIRE_STATE = {
+    S.RECOVERING: "held",
+    S.ACQUIRING: "held",
+    S.HELD: "held",
+    S.LOST: "lost",
+    S.RELEASING: "held",
+    S.RELEASING_LOST: "lost",
+    S.RELEASED: "released",
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug: an event that the lease's state does not allow. Nothing was changed."""
+
+
+@dataclass(eq=False, slots=True)
+class Owner:
+    uuid: str
+    name: str
+    pid: int
+    uid: int
+    start_time: int
+    boot_id: str
+    fence: str
+    registered_at: float
+    pidfd: int | None = None
+    leases: dict[tuple[str, str], Lease] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "boot_id": self.boot_id,
+            "uid": self.uid,
+            "fence": self.fence,
+            "registered_at": self.registered_at,
+        }
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "pid": self.pid,
+            "uid": self.uid,
+            "start_time": self.start_time,
+            "fence": self.fence,
+            "registered_at": self.registered_at,
+            "leases": len(self.leases),
+        }
+
+    def ref(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "name": self.name, "pid": self.pid}
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    owner: Owner
+    lockspace: str
+    rkey: str
+    resource: str
+    path: str
+    mode: str
+    token: int
+    acquired_at: float
+    fdname: str
+    state: State
+    fd: int | None = None
+    id: int = 0
+    # kept (fd adopted from the store) | retaken (locked again after a gap) | lost | new
+    continuity: str = "new"
+    # set while a commit is in flight; done when the lease settles
+    settled: asyncio.Future[None] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.lockspace, self.rkey)
+
+    @property
+    def exclusive(self) -> bool:
+        return self.mode == "exclusive"
+
+    def apply(self, event: Event) -> State:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise IllegalTransition(f"lease {self.resource}: {event.value} in {self.state.value}")
+        self.state = new
+        return new
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner.uuid,
+            "lockspace": self.lockspace,
+            "rkey": self.rkey,
+            "resource": self.resource,
+            "path": self.path,
+            "mode": self.mode,
+            "token": self.token,
+            "state": WIRE_STATE[self.state],
+            "acquired_at": self.acquired_at,
+            "fdname": self.fdname,
+        }
+
+    def event_fields(self) -> dict[str, Any]:
+        """The columns a history event about this lease carries."""
+        return {
+            "lockspace": self.lockspace,
+            "resource": self.resource,
+            "rkey": self.rkey,
+            "owner": self.owner.uuid,
+            "pid": self.owner.pid,
+            "token": self.token,
+            "mode": self.mode,
+        }
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "lockspace": self.lockspace,
+            "resource": self.resource,
+            "path": self.path,
+            "mode": self.mode,
+            "owner": self.owner.ref(),
+            "token": self.token,
+            "state": WIRE_STATE[self.state],
+            "acquired_at": self.acquired_at,
+            "continuity": self.continuity,
+        }
+
+
+class LeaseTable:
+    """Owners by uuid and pid, leases by owner and by resource."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, Owner] = {}
+        self.by_pid: dict[int, Owner] = {}
+        self.by_resource: dict[tuple[str, str], dict[str, Lease]] = {}
+        self.count = 0
+
+    def add_owner(self, owner: Owner) -> None:
+        self.owners[owner.uuid] = owner
+        self.by_pid[owner.pid] = owner
+
+    def remove_owner(self, owner: Owner) -> None:
+        self.owners.pop(owner.uuid, None)
+        if self.by_pid.get(owner.pid) is owner:
+            del self.by_pid[owner.pid]
+
+    def add(self, lease: Lease) -> None:
+        lease.owner.leases[lease.key] = lease
+        self.by_resource.setdefault(lease.key, {})[lease.owner.uuid] = lease
+        self.count += 1
+
+    def remove(self, lease: Lease) -> None:
+        if lease.owner.leases.get(lease.key) is lease:
+            del lease.owner.leases[lease.key]
+            self.count -= 1
+        holders = self.by_resource.get(lease.key)
+        if holders is not None and holders.get(lease.owner.uuid) is lease:
+            del holders[lease.owner.uuid]
+            if not holders:
+                del self.by_resource[lease.key]
+
+    def holders(self, lockspace: str, rkey: str) -> list[Lease]:
+        return list(self.by_resource.get((lockspace, rkey), {}).values())
+
+    def leases(self) -> list[Lease]:
+        return [lease for o in self.owners.values() for lease in o.leases.values()]
+
+    def max_token(self) -> int:
+        return max((lease.token for lease in self.leases()), default=0)

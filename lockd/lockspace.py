@@ -1,0 +1,104 @@
+"""Lockspaces: from a (lockspace, resource) request to a file, a resource key and a lock.
+
+Theory of operation (DESIGN §2):
+
+- The **direct** lockspace (name ``""`` or ``"direct"``) locks the resource itself: an
+  absolute, normalized path to an existing regular file or block device. lockd never creates
+  it. Its key is ``"dev:ino"``, so two paths to one inode (a hard link, a symlink) are one
+  resource, as they are for the kernel.
+- An **indirect** lockspace is a configured directory (possibly on shared storage: NFSv4,
+  GFS2, CephFS, whose own lock manager then keeps hosts apart). The resource is any string;
+  its lease file is ``DIR/sha256(resource)``, created 0600 if missing, so a client can make
+  the daemon create files only there and only with names it cannot choose.
+
+Paths are refused rather than repaired: a relative path, a NUL byte, ``..`` or ``//`` (anything
+``os.path.normpath`` would change) is an :class:`InvalidResource`, because "fixing" ``..``
+across a symlink silently changes which file is meant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from lockd import ofd
+from lockd.errors import InvalidResource
+from lockd.ofd import Locked
+
+DIRECT = ""
+MAX_PATH = 4096  # PATH_MAX
+MAX_NAME = 255  # NAME_MAX
+
+
+def _invalid(resource: str, reason: str) -> InvalidResource:
+    return InvalidResource(f"{resource!r}: {reason}", resource=resource[:256], reason=reason)
+
+
+def check_path(path: str) -> None:
+    if not path:
+        raise _invalid(path, "empty resource")
+    if "\0" in path:
+        raise _invalid(path, "contains a NUL byte")
+    if len(path.encode("utf-8", "surrogateescape")) >= MAX_PATH:
+        raise _invalid(path, f"longer than {MAX_PATH - 1} bytes")
+    if not path.startswith("/"):
+        raise _invalid(path, "not an absolute path")
+    if os.path.normpath(path) != path:
+        raise _invalid(path, "not a normalized path (no '.', '..', '//' or trailing '/')")
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME for part in path.split("/")):
+        raise _invalid(path, f"a path component is longer than {MAX_NAME} bytes")
+
+
+def direct_key(dev: int, ino: int) -> str:
+    return f"{dev}:{ino}"
+
+
+class Lockspaces:
+    def __init__(self, indirect: dict[str, Path]) -> None:
+        self.indirect = dict(indirect)
+
+    def canonical(self, lockspace: str | None) -> str:
+        if lockspace in (None, "", "direct"):
+            return DIRECT
+        assert lockspace is not None
+        if lockspace not in self.indirect:
+            raise InvalidResource(
+                f"unknown lockspace {lockspace!r}",
+                resource=lockspace[:256],
+                reason="unknown lockspace",
+            )
+        return lockspace
+
+    def check(self, lockspace: str, resource: str) -> None:
+        if lockspace == DIRECT:
+            check_path(resource)
+        elif not resource or "\0" in resource or len(resource) > MAX_PATH:
+            raise _invalid(resource, "a resource name is 1 to 4096 characters, without NUL")
+
+    def key(self, lockspace: str, resource: str) -> str | None:
+        """The resource key without locking; None if a direct path cannot be stat'ed."""
+        if lockspace != DIRECT:
+            return hashlib.sha256(resource.encode("utf-8", "surrogateescape")).hexdigest()
+        try:
+            st = os.stat(resource)
+        except OSError:
+            return None
+        return direct_key(st.st_dev, st.st_ino)
+
+    def lease_path(self, lockspace: str, resource: str, rkey: str) -> str:
+        if lockspace == DIRECT:
+            return resource
+        return str(self.indirect[lockspace] / rkey)
+
+    def lock(self, lockspace: str, resource: str, rkey: str, exclusive: bool) -> Locked:
+        """Lock the resource's file; for direct resources the key is checked again after
+        opening (the path may now lead to another inode: then it is another resource)."""
+        path = self.lease_path(lockspace, resource, rkey)
+        if lockspace != DIRECT:
+            return ofd.lock_lease_file(path, exclusive, resource)
+        locked = ofd.lock_existing(path, exclusive)
+        if direct_key(locked.dev, locked.ino) != rkey:
+            ofd.unlock_and_close(locked.fd)
+            raise _invalid(resource, "the path was replaced by another file")
+        return locked

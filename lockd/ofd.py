@@ -1,0 +1,207 @@
+"""The lock primitive: OFD locks on byte 0. The only module that calls ``fcntl``.
+
+Theory of operation (DESIGN §2):
+
+- Open file description (OFD) locks, ``F_OFD_SETLK`` (Linux 3.15). A POSIX ``F_SETLK`` lock
+  belongs to the process, so closing *any* fd of the file drops it (the bug virtlockd has
+  when one owner reaches an image through a symlink); an OFD lock belongs to the open file
+  description and goes away only when its last fd is closed or it is unlocked. One open file
+  description per lease, so the kernel arbitrates between our own owners too.
+- Byte 0, length 1: virtlockd's convention (so lockd and virtlockd exclude each other on one
+  image), clear of QEMU's image locks on bytes 100-103 and 200-203.
+- Never ``F_OFD_SETLKW``: it would block the event loop. A conflict is EAGAIN (or EACCES,
+  which POSIX allows for the same thing) and becomes :class:`ResourceBusy` at once.
+- Opening never blocks or creates in the direct lockspace: paths that are not regular files
+  or block devices are refused before ``open`` (a FIFO would block ``open`` without
+  O_NONBLOCK; a character device may act on open), and the type is checked again with
+  ``fstat`` after it, because the path may have been swapped in between.
+- Shared leases open ``O_RDONLY`` (``F_RDLCK`` needs read access), exclusive ones ``O_RDWR``
+  (``F_WRLCK`` needs write access).
+
+Invariant: a function here either returns an fd that holds the requested lock, or raises a
+named error with no fd left open.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
+
+# Linux values (include/uapi/asm-generic/fcntl.h); fcntl exports them from Python 3.9 on
+# most builds, but not everywhere.
+F_OFD_GETLK: int = getattr(fcntl, "F_OFD_GETLK", 36)
+F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
+
+# struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+_FLOCK = "hhqqi4x"
+LOCK_START = 0
+LOCK_LEN = 1
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+# An indirect lease file replaced under us (unlinked and recreated) is retried this often.
+_REPLACED_RETRIES = 8
+
+
+def _flock(ltype: int) -> bytes:
+    # l_pid must be 0 for OFD requests (fcntl(2): EINVAL otherwise)
+    return struct.pack(_FLOCK, ltype, os.SEEK_SET, LOCK_START, LOCK_LEN, 0)
+
+
+_WR = _flock(fcntl.F_WRLCK)
+_RD = _flock(fcntl.F_RDLCK)
+_UN = _flock(fcntl.F_UNLCK)
+
+
+@dataclass(frozen=True, slots=True)
+class Locked:
+    fd: int
+    dev: int
+    ino: int
+
+
+def _lockable(mode: int) -> bool:
+    # Disk images are regular files or block devices (LVM volumes, multipath maps).
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def _os_error(exc: OSError, resource: str) -> Exception:
+    code = exc.errno
+    if code in (errno.EMFILE, errno.ENFILE):
+        return LimitExceeded("out of file descriptors", limit="open-files", value=0)
+    if code in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"{resource}: permission denied", reason="open")
+    reason = {
+        errno.ENOENT: "does not exist",
+        errno.ENOTDIR: "a path component is not a directory",
+        errno.EISDIR: "is a directory",
+        errno.ELOOP: "too many symbolic links",
+        errno.ENAMETOOLONG: "path too long",
+        errno.EROFS: "read-only filesystem (an exclusive lease needs write access)",
+        errno.ENXIO: "no such device",
+    }.get(code or 0, os.strerror(code or errno.EIO))
+    return InvalidResource(f"{resource}: {reason}", resource=resource, reason=reason)
+
+
+def _set(fd: int, exclusive: bool, resource: str) -> None:
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, _WR if exclusive else _RD)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ResourceBusy(
+                f"{resource} is locked by another holder",
+                lockspace="",
+                resource=resource,
+                mode="exclusive" if exclusive else "shared",
+            ) from None
+        raise
+
+
+def lock_existing(path: str, exclusive: bool) -> Locked:
+    """Open an existing regular file or block device and lock byte 0 (direct lockspace)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    if not _lockable(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file or block device"
+        raise InvalidResource(f"{path}: {kind}", resource=path, reason=kind)
+    try:
+        fd = os.open(path, _OPEN_FLAGS | (os.O_RDWR if exclusive else os.O_RDONLY))
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    try:
+        st = os.fstat(fd)
+        if not _lockable(st.st_mode):
+            raise InvalidResource(
+                f"{path}: replaced by something that is not a file while opening",
+                resource=path,
+                reason="not a regular file or block device",
+            )
+        _set(fd, exclusive, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Locked(fd, st.st_dev, st.st_ino)
+
+
+def lock_lease_file(path: str, exclusive: bool, resource: str) -> Locked:
+    """Open (creating 0600) and lock an indirect lease file, surviving an unlink race.
+
+    Another host (on shared storage) or an administrator may unlink the lease file between
+    our open and our lock; we would then hold a lock on an orphan inode nobody else can see.
+    After locking, ``fstat(fd)`` must match ``stat(path)``; otherwise retry on the new file.
+    """
+    for _ in range(_REPLACED_RETRIES):
+        try:
+            fd = os.open(path, _OPEN_FLAGS | os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _os_error(exc, resource) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidResource(
+                    f"lease file {path} is not a regular file",
+                    resource=resource,
+                    reason="lease file is not a regular file",
+                )
+            _set(fd, exclusive, resource)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return Locked(fd, st.st_dev, st.st_ino)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise ResourceBusy(
+        f"lease file {path} keeps being replaced",
+        lockspace="",
+        resource=resource,
+        mode="exclusive" if exclusive else "shared",
+    )
+
+
+def relock(fd: int, exclusive: bool, resource: str) -> None:
+    """Lock byte 0 on an fd we already have (adopted from systemd's fd store)."""
+    _set(fd, exclusive, resource)
+
+
+def unlock_and_close(fd: int) -> None:
+    """Drop the lock, then the fd.
+
+    Unlocking explicitly matters because the open file description may still be referenced
+    elsewhere (a copy in systemd's fd store, or inherited across re-exec): closing our fd
+    alone would leave the lock held there.
+    """
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, _UN)
+    except OSError:
+        pass  # EBADF: nothing left to unlock
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def holder(path: str) -> str | None:
+    """Who holds byte 0 of ``path`` as another process sees it: "exclusive", "shared", None.
+
+    Uses ``F_OFD_GETLK``, which reports a conflicting lock without taking one, so probing
+    never disturbs the lock it looks at.
+    """
+    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    try:
+        res = fcntl.fcntl(fd, F_OFD_GETLK, _WR)
+        ltype = struct.unpack(_FLOCK, res)[0]
+    finally:
+        os.close(fd)
+    if ltype == fcntl.F_UNLCK:
+        return None
+    return "exclusive" if ltype == fcntl.F_WRLCK else "shared"

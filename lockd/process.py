@@ -1,0 +1,74 @@
+"""Owner processes: identity that survives pid reuse, and death notification.
+
+Theory of operation (DESIGN §3): a pid alone does not name a process for long; the kernel
+reuses it. An owner is (pid, start time, boot id): the start time is field 22 of
+``/proc/PID/stat`` (clock ticks since boot), and the boot id is
+``/proc/sys/kernel/random/boot_id``. Two processes with one pid never share a start time
+within one boot, and after a reboot every owner is dead.
+
+While the daemon runs, a pidfd (``pidfd_open``, Linux 5.3) becomes readable when its process
+exits, so the event loop learns of an owner's death without polling and without racing pid
+reuse; :func:`signal_owner` signals through the pidfd for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import cache
+
+
+@cache
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat, or None if there is no such process (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) is in parentheses and may itself contain spaces and ')': split after
+    # the last ')'. The rest starts at field 3 (state), so field 22 is index 19.
+    rest = data[data.rindex(b")") + 2 :].split()
+    if rest[0] == b"Z":  # a zombie has exited: it owns nothing any more
+        return None
+    return int(rest[19])
+
+
+def uid_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return None
+
+
+def is_same_process(pid: int, expected_start: int, expected_boot: str) -> bool:
+    """True if ``pid`` is still the process that was registered (same boot, same start)."""
+    return expected_boot == boot_id() and start_time(pid) == expected_start
+
+
+def open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def signal_owner(pidfd: int | None, pid: int, start: int, sig: signal.Signals) -> bool:
+    """Send ``sig`` to the owner if it is still that process. True if sent."""
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+            return True
+        # No pidfd (the owner was adopted from the journal before we opened one): check
+        # the start time right before kill(2); the window for reuse is microseconds.
+        if start_time(pid) == start:
+            os.kill(pid, sig)
+            return True
+    except ProcessLookupError:
+        pass
+    return False

@@ -1,0 +1,196 @@
+"""Recovery: start-up after a crash, before the first request is accepted (DESIGN §5).
+
+Theory of operation: the journal says which leases were granted and not released. For each
+one, in journal order:
+
+1. its owner is dead (the pid is gone, or its start time or boot id differ) -> release it;
+2. its fd came back from systemd's fd store (matched by FDNAME, never by position) -> held,
+   continuity ``kept``: the kernel lock never dropped;
+3. otherwise open and lock again -> held, continuity ``retaken`` (a gap: the lock was free
+   between our death and now), or EAGAIN / the file is gone -> ``lost``, and the owner's
+   fence policy runs once the loop is up.
+
+A journal written under another boot id is closed out as ``host-rebooted`` without looking
+at a single lease: every owner died with the host and so did every lock (§4.3).
+
+All decisions are committed in one transaction before any stored fd is closed, so a crash
+during recovery (the ``recovery.*`` failpoints) leaves a journal that the next recovery
+handles the same way: recovery is idempotent. Clients that connect meanwhile wait in the
+listen backlog; nobody sees a half-recovered table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lockd import failpoint, ofd, process
+from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
+from lockd.journal import Journal
+from lockd.leases import Event, Lease, LeaseTable, Owner, State
+from lockd.lockspace import DIRECT, Lockspaces, direct_key
+
+log = logging.getLogger("lockd")
+
+
+@dataclass
+class Report:
+    at: float = 0.0
+    duration_ms: float = 0.0
+    adopted: int = 0
+    retaken: int = 0
+    lost: int = 0
+    released: int = 0
+    host_rebooted: int = 0
+
+    def wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.adopted} kept, {self.retaken} re-taken, {self.lost} lost, "
+                f"{self.released} released (owner dead) in {self.duration_ms:.0f} ms")
+
+
+@dataclass
+class Outcome:
+    table: LeaseTable
+    report: Report
+    last_token: int
+    # owners with lost leases, to fence once the event loop runs
+    to_fence: dict[str, list[Lease]]
+
+
+def _owner(row: dict[str, Any]) -> Owner:
+    return Owner(
+        uuid=row["uuid"], name=row["name"], pid=row["pid"], uid=row["uid"],
+        start_time=row["start_time"], boot_id=row["boot_id"], fence=row["fence"],
+        registered_at=row["registered_at"],
+    )
+
+
+def _adopt(fd: int, lease: Lease) -> bool:
+    """Use a stored fd if it is the right file; it already holds the lock (same OFD)."""
+    try:
+        st = os.fstat(fd)
+        if lease.lockspace == DIRECT and direct_key(st.st_dev, st.st_ino) != lease.rkey:
+            return False
+        # Setting the lock we already hold on this open file description is a no-op that
+        # proves we hold it; EAGAIN here would mean the fd is not the one that held it.
+        ofd.relock(fd, lease.exclusive, lease.resource)
+    except (OSError, ResourceBusy):
+        return False
+    return True
+
+
+def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) -> Outcome:
+    """Rebuild the lease table from the journal. ``stored``: FDNAME -> fd from the fd store;
+    the fds used are removed from it, the rest are strays for the caller to close."""
+    t0 = time.monotonic()
+    report = Report(at=time.time())
+    boot = process.boot_id()
+    snap = journal.load()
+    ops: list[Callable[[], None]] = []
+    journal_boot = snap.meta.get("boot_id")
+    if journal_boot is not None and journal_boot != boot and snap.leases:
+        with journal.transaction():
+            report.host_rebooted = journal.close_all(
+                "host-rebooted", f"journal written during boot {journal_boot}")
+            journal.set_meta("boot_id", boot)
+        log.warning("journal is from boot %s: closed %d leases as host-rebooted",
+                    journal_boot, report.host_rebooted, extra={"LOCKD_EVENT": "host-rebooted"})
+        snap = journal.load()
+    last_token = int(snap.meta.get("last_token", "0"))
+    failpoint.hit("recovery.before-replay")
+
+    table = LeaseTable()
+    owners = {row["uuid"]: _owner(row) for row in snap.owners}
+    alive = {u: process.is_same_process(o.pid, o.start_time, o.boot_id)
+             for u, o in owners.items()}
+    to_fence: dict[str, list[Lease]] = {}
+    first_retake = True
+    for row in snap.leases:
+        owner = owners[row["owner"]]
+        lease = Lease(
+            owner=owner, lockspace=row["lockspace"], rkey=row["rkey"],
+            resource=row["resource"], path=row["path"], mode=row["mode"], token=row["token"],
+            acquired_at=row["acquired_at"], fdname=row["fdname"], state=State.RECOVERING,
+            id=row["id"],
+        )
+        last_token = max(last_token, lease.token)
+        fd = stored.pop(lease.fdname, None)
+        if not alive[owner.uuid]:
+            lease.apply(Event.OWNER_DEAD)
+            report.released += 1
+            if fd is not None:
+                stored[lease.fdname] = fd  # closed by the caller after this commit
+            lease_id = lease.id
+            ops.append(lambda i=lease_id: journal.delete_lease(i))
+            ops.append(_event(journal, "owner-dead", lease, "owner exited while lockd was down"))
+            continue
+        if row["state"] == "lost":
+            lease.apply(Event.LOSE)
+            lease.continuity = "lost"
+            table.add(lease)
+            if fd is not None:
+                stored[lease.fdname] = fd
+            continue
+        if fd is not None and _adopt(fd, lease):
+            lease.fd = fd
+            lease.apply(Event.ADOPT)
+            lease.continuity = "kept"
+            report.adopted += 1
+        else:
+            if fd is not None:
+                stored[lease.fdname] = fd
+            try:
+                locked = lockspaces.lock(lease.lockspace, lease.resource, lease.rkey,
+                                         lease.exclusive)
+            except (ResourceBusy, InvalidResource, PermissionDenied, LimitExceeded) as exc:
+                lease.apply(Event.LOSE)
+                lease.continuity = "lost"
+                report.lost += 1
+                reason = ("taken by another holder while lockd was down"
+                          if isinstance(exc, ResourceBusy) else f"cannot lock again: {exc}")
+                lease_id = lease.id
+                ops.append(lambda i=lease_id: journal.set_lease_state(i, "lost"))
+                ops.append(_event(journal, "lost", lease, reason))
+                to_fence.setdefault(owner.uuid, []).append(lease)
+                log.error("lease on %s of owner %s lost: %s", lease.resource, owner.name, reason,
+                          extra={"LOCKD_RESOURCE": lease.resource, "LOCKD_OWNER": owner.uuid,
+                                 "LOCKD_TOKEN": lease.token, "LOCKD_EVENT": "lost"})
+            else:
+                lease.fd = locked.fd
+                lease.apply(Event.RETAKE)
+                lease.continuity = "retaken"
+                report.retaken += 1
+                ops.append(_event(journal, "retaken", lease, "locked again after a gap"))
+                if first_retake:
+                    first_retake = False
+                    failpoint.hit("recovery.mid-replay")
+        table.add(lease)
+
+    dead = [o for u, o in owners.items() if not alive[u]]
+    for owner in dead:
+        uuid, pid = owner.uuid, owner.pid
+        ops.append(lambda u=uuid: journal.delete_owner(u))
+        ops.append(lambda u=uuid, p=pid: journal.event(
+            "owner-dead", owner=u, pid=p, reason="owner exited while lockd was down"))
+    for u, o in owners.items():
+        if alive[u]:
+            table.add_owner(o)
+    with journal.transaction():
+        for op in ops:
+            op()
+        journal.set_meta("boot_id", boot)
+        journal.set_meta("last_token", str(last_token))
+    report.duration_ms = (time.monotonic() - t0) * 1000
+    return Outcome(table, report, last_token, to_fence)
+
+
+def _event(journal: Journal, event: str, lease: Lease, reason: str) -> Callable[[], None]:
+    fields = lease.event_fields()
+    return lambda: journal.event(event, reason=reason, **fields)

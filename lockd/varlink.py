@@ -1,0 +1,195 @@
+"""Varlink framing and messages, sans-IO: bytes in, calls out; calls in, bytes out.
+
+Theory of operation: a Varlink connection is a stream of JSON objects, each terminated by
+one NUL byte (varlink.org, "Protocol"). :class:`Decoder` is fed whatever the socket gave and
+returns the complete messages; it keeps the tail of an unfinished one. It never touches a
+socket, so the server, the client and the fuzzers share it unchanged.
+
+Invariants (what makes a hostile peer harmless):
+- a message longer than ``max_message`` bytes is refused as soon as the buffer passes that
+  size without a NUL, so a peer that never sends NUL cannot grow our memory past the limit;
+- anything that is not a JSON object, nests deeper than ``MAX_DEPTH``, or has fields of the
+  wrong type raises :class:`~lockd.errors.ProtocolError` (close the connection) or
+  :class:`~lockd.errors.InvalidParameter` (answer with the error, keep the connection);
+- after a ProtocolError the decoder is poisoned: every later ``feed`` raises again, so no
+  byte after a framing error is ever interpreted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from lockd.errors import InvalidParameter, LockdError, ProtocolError
+
+MAX_MESSAGE = 64 * 1024
+# Our parameters are at most two levels deep; 16 leaves room for clients that wrap things.
+MAX_DEPTH = 16
+MAX_STRING = 4096
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        cur, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(cur, dict):
+            stack.extend((v, depth + 1) for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend((v, depth + 1) for v in cur if isinstance(v, (dict, list)))
+    return False
+
+
+def loads(raw: bytes) -> dict[str, Any]:
+    """One message body (without its NUL) to a dict, or ProtocolError."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"message is not JSON: {exc}", reason="not-json") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object", reason="not-object")
+    if _too_deep(obj, MAX_DEPTH):
+        raise ProtocolError(f"message nests deeper than {MAX_DEPTH}", reason="too-deep")
+    return obj
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    """One message, NUL-terminated."""
+    return orjson.dumps(obj) + b"\0"
+
+
+class Decoder:
+    """Split a byte stream into Varlink messages."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buf = bytearray()
+        self._broken: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self._broken is not None:
+            raise self._broken
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        try:
+            start = 0
+            while True:
+                end = self._buf.find(0, start)
+                if end < 0:
+                    break
+                if end - start > self.max_message:
+                    raise self._too_big()
+                out.append(loads(bytes(self._buf[start:end])))
+                start = end + 1
+            del self._buf[:start]
+            if len(self._buf) > self.max_message:
+                raise self._too_big()
+        except ProtocolError as exc:
+            self._broken = exc
+            self._buf.clear()
+            raise
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished message held."""
+        return len(self._buf)
+
+    def _too_big(self) -> ProtocolError:
+        return ProtocolError(
+            f"message longer than {self.max_message} bytes", reason="too-big"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    method: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    more: bool = False
+    oneway: bool = False
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> Call:
+        method = msg.get("method")
+        if not isinstance(method, str) or not method or len(method) > 255:
+            raise ProtocolError("call has no method name", reason="no-method")
+        params = msg.get("parameters", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidParameter(parameter="parameters")
+        more = msg.get("more", False)
+        oneway = msg.get("oneway", False)
+        if not isinstance(more, bool):
+            raise InvalidParameter(parameter="more")
+        if not isinstance(oneway, bool):
+            raise InvalidParameter(parameter="oneway")
+        return cls(method, params, more, oneway)
+
+    def encode(self) -> bytes:
+        msg: dict[str, Any] = {"method": self.method}
+        if self.parameters:
+            msg["parameters"] = self.parameters
+        if self.more:
+            msg["more"] = True
+        if self.oneway:
+            msg["oneway"] = True
+        return dumps(msg)
+
+
+def encode_reply(parameters: dict[str, Any], continues: bool = False) -> bytes:
+    msg: dict[str, Any] = {"parameters": parameters}
+    if continues:
+        msg["continues"] = True
+    return dumps(msg)
+
+
+def encode_error(err: LockdError) -> bytes:
+    return dumps(err.to_wire())
+
+
+class Params:
+    """Typed, bounded access to a call's parameters; every miss is an InvalidParameter."""
+
+    __slots__ = ("_p",)
+
+    def __init__(self, parameters: dict[str, Any]) -> None:
+        self._p = parameters
+
+    def str(self, name: str, default: str | None = None, max_len: int = MAX_STRING) -> str:
+        value = self._p.get(name)
+        if value is None:
+            if default is None:
+                raise InvalidParameter(f"parameter {name!r} is required", parameter=name)
+            return default
+        if not isinstance(value, str) or len(value) > max_len:
+            raise InvalidParameter(
+                f"parameter {name!r} must be a string of at most {max_len} characters",
+                parameter=name,
+            )
+        return value
+
+    def opt_str(self, name: str, max_len: int = MAX_STRING) -> str | None:
+        if self._p.get(name) is None:
+            return None
+        return self.str(name, max_len=max_len)
+
+    def opt_int(self, name: str, lo: int = 0, hi: int = 2**63 - 1) -> int | None:
+        value = self._p.get(name)
+        if value is None:
+            return None
+        # bool is an int in Python but not in Varlink's type system
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise InvalidParameter(
+                f"parameter {name!r} must be an integer in [{lo}, {hi}]", parameter=name
+            )
+        return value
+
+    def int(self, name: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+        value = self.opt_int(name, lo, hi)
+        if value is None:
+            raise InvalidParameter(f"parameter {name!r} is required", parameter=name)
+        return value

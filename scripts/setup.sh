@@ -1,0 +1,39 @@
+#!/bin/sh
+# Set up everything lockd needs on a fresh Debian 12 machine (as root): the Debian packages
+# that systemd-python builds against, a virtual environment in .venv, and lockd in it.
+# Idempotent and quick when nothing changed (a stamp file remembers pyproject.toml).
+set -eu
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+need=""
+# systemd-python 235 ships as source only: gcc, pkg-config and libsystemd's headers build it.
+for pkg in libsystemd-dev pkg-config gcc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+done
+# Debian's own python3 needs python3-dev for Python.h and python3-venv for ensurepip.
+inc=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+[ -f "$inc/Python.h" ] || need="$need python3-dev"
+$PY -c 'import ensurepip' >/dev/null 2>&1 || need="$need python3-venv"
+# The tests drive a real systemd and make a non-root user: both come with the base system,
+# but a minimal image may lack them.
+command -v systemctl >/dev/null 2>&1 || need="$need systemd"
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"
+if [ -n "$need" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages:$need (run as root, or apt-get install them)" >&2
+        exit 1
+    fi
+    echo "setup: installing$need"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    $PY -m venv .venv
+fi
+stamp=.venv/.lockd-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi

@@ -1,0 +1,87 @@
+"""Fixtures for the end-to-end tests (the harness itself is in tests/e2e.py)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from e2e import Daemon, Owners, make_files  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Failpoints abort the daemon on purpose: no core files for those.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A short directory for UNIX sockets (sun_path is 108 bytes; tmp_path can be longer)."""
+    d = Path(tempfile.mkdtemp(prefix="lkd", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(
+    request: pytest.FixtureRequest, tmp_path: Path, runtime_dir: Path
+) -> Iterator[Callable[..., Daemon]]:
+    """Factory: ``make_daemon(config=None, start=True)``; every daemon is killed at teardown,
+    and its stderr is printed if the test failed."""
+    made: list[Daemon] = []
+
+    def make(
+        config: str | None = None, start: bool = True, state_dir: Path | None = None
+    ) -> Daemon:
+        n = len(made)
+        base = tmp_path / f"daemon{n}"
+        run = runtime_dir / str(n)
+        base.mkdir()
+        run.mkdir()
+        d = Daemon(base, run, config=config, state_dir=state_dir)
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for d in made:
+        if failed is not None and failed.failed:
+            print(f"\n{d.base}:\n{d.stderr_tail(200)}")
+        d.close()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    """A running lockd with the default config."""
+    return make_daemon()
+
+
+@pytest.fixture
+def owners() -> Iterator[Owners]:
+    o = Owners()
+    yield o
+    o.close()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    """Eight resource files (stand-ins for disk images)."""
+    return make_files(tmp_path / "res", 8)
