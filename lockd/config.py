@@ -133,8 +133,13 @@ class Config:
             raise ConfigError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}")
         if self.fence_grace < 0:
             raise ConfigError("fence_grace must be >= 0")
-        for name in ("history_retention", "max_connections", "max_owners",
-                     "max_leases_per_owner", "max_leases"):
+        for name in (
+            "history_retention",
+            "max_connections",
+            "max_owners",
+            "max_leases_per_owner",
+            "max_leases",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if not 1024 <= self.max_message <= 16 * 1024 * 1024:
@@ -181,7 +186,7 @@ def read_file(path: Path) -> dict[str, Any]:
         accepted, convert = KEYS[key]
         if not isinstance(value, accepted) or isinstance(value, bool):
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
-        if key == "lockspaces" and not all(isinstance(v, str) for v in value.values()):
+        if isinstance(value, dict) and not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{path}: lockspaces values must be directory paths")
         out[key] = convert(value)
     return out

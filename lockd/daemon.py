@@ -35,10 +35,9 @@ from pathlib import Path
 
 import fasteners
 
-from lockd import __version__, failpoint, notify, ofd
+from lockd import __version__, failpoint, notify
 from lockd.config import Config, ConfigError, load
 from lockd.journal import Journal, JournalUnreadable
-from lockd.leases import LeaseTable
 from lockd.lockspace import Lockspaces
 from lockd.recovery import recover
 from lockd.server import Server
@@ -114,8 +113,9 @@ class Daemon:
                 pid = pidfile.read_text().strip()
             except OSError:
                 pid = "unknown"
-            raise Fatal(f"state directory {state} is in use by another lockd (pid {pid})",
-                        EXIT_RUNNING)
+            raise Fatal(
+                f"state directory {state} is in use by another lockd (pid {pid})", EXIT_RUNNING
+            )
         pidfile.write_text(f"{os.getpid()}\n")
         return lock
 
@@ -129,38 +129,50 @@ class Daemon:
         except JournalUnreadable as exc:
             raise Fatal(str(exc)) from None
         journal.prune(self.config.history_retention)
-        main_sock = bind_socket(self.config.socket, 0o660 if self.config.socket_group else 0o600,
-                                self.config.socket_group)
+        main_sock = bind_socket(
+            self.config.socket,
+            0o660 if self.config.socket_group else 0o600,
+            self.config.socket_group,
+        )
         admin_sock = bind_socket(self.config.admin_socket, 0o600, None)
         lockspaces = Lockspaces(self.config.lockspaces)
         outcome = recover(journal, lockspaces, stored={})
         commit = GroupCommit(journal, loop)
         commit.last_token = outcome.last_token
-        service = LockService(self.config, journal, commit, outcome.table,
-                              notify.FdStore(False), loop)
+        service = LockService(
+            self.config, journal, commit, outcome.table, notify.FdStore(False), loop
+        )
         for owner in list(outcome.table.owners.values()):
             if not service.watch_owner(owner):
                 loop.create_task(service.owner_died(owner, "owner exited during recovery"))
         for uuid, lost in outcome.to_fence.items():
-            owner = outcome.table.owners.get(uuid)
-            if owner is not None:
-                service.fence(owner, lost)
+            fenced = outcome.table.owners.get(uuid)
+            if fenced is not None:
+                service.fence(fenced, lost)
         failpoint.hit("recovery.before-ready")
         server = Server(self.config, service, outcome.report)
         await server.start(main_sock, admin_sock)
-        log.info("lockd %s ready: %s; %d leases held, fd limit %d", __version__,
-                 outcome.report.summary(), outcome.table.count, nofile,
-                 extra={"LOCKD_EVENT": "ready"})
-        notify.notify(f"READY=1\nSTATUS=serving {outcome.table.count} leases; "
-                      f"recovery: {outcome.report.summary()}")
+        log.info(
+            "lockd %s ready: %s; %d leases held, fd limit %d",
+            __version__,
+            outcome.report.summary(),
+            outcome.table.count,
+            nofile,
+            extra={"LOCKD_EVENT": "ready"},
+        )
+        notify.notify(
+            f"READY=1\nSTATUS=serving {outcome.table.count} leases; "
+            f"recovery: {outcome.report.summary()}"
+        )
         # serve
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         await self.stop.wait()
         # shutdown
         notify.notify("STOPPING=1")
-        log.info("stopping; %d leases stay journaled", outcome.table.count,
-                 extra={"LOCKD_EVENT": "stop"})
+        log.info(
+            "stopping; %d leases stay journaled", outcome.table.count, extra={"LOCKD_EVENT": "stop"}
+        )
         await server.close()
         commit.flush()
         journal.close()
@@ -201,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         failpoint.armed_from_env()
-        config = load(args.config, state_dir=args.state_dir, socket=args.socket,
-                      admin_socket=args.admin_socket, log_level=args.log_level)
+        config = load(
+            args.config,
+            state_dir=args.state_dir,
+            socket=args.socket,
+            admin_socket=args.admin_socket,
+            log_level=args.log_level,
+        )
     except (ConfigError, ValueError) as exc:
         print(f"lockd: {exc}", file=sys.stderr)
         return EXIT_USAGE

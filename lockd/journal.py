@@ -97,8 +97,18 @@ def _lease_wire(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-_EVENT_COLUMNS = ("seq", "at", "event", "lockspace", "resource", "owner", "pid", "token",
-                  "mode", "reason")
+_EVENT_COLUMNS = (
+    "seq",
+    "at",
+    "event",
+    "lockspace",
+    "resource",
+    "owner",
+    "pid",
+    "token",
+    "mode",
+    "reason",
+)
 
 
 class Journal:
@@ -254,8 +264,7 @@ class Journal:
         self.conn.execute(
             "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
             " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (at or time.time(), event, lockspace, resource, rkey, owner, pid, token, mode,
-             reason),
+            (at or time.time(), event, lockspace, resource, rkey, owner, pid, token, mode, reason),
         )
 
     def last_release(self, owner: str, lockspace: str, rkey: str) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from systemd import daemon as sd_daemon
+import systemd.daemon as sd_daemon
 
 log = logging.getLogger("lockd")
 

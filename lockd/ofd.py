@@ -24,6 +24,7 @@ named error with no fd left open.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -180,14 +181,10 @@ def unlock_and_close(fd: int) -> None:
     elsewhere (a copy in systemd's fd store, or inherited across re-exec): closing our fd
     alone would leave the lock held there.
     """
-    try:
+    with contextlib.suppress(OSError):  # EBADF: nothing left to unlock
         fcntl.fcntl(fd, F_OFD_SETLK, _UN)
-    except OSError:
-        pass  # EBADF: nothing left to unlock
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def holder(path: str) -> str | None:

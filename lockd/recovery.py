@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from lockd import failpoint, ofd, process
@@ -51,8 +52,10 @@ class Report:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.adopted} kept, {self.retaken} re-taken, {self.lost} lost, "
-                f"{self.released} released (owner dead) in {self.duration_ms:.0f} ms")
+        return (
+            f"{self.adopted} kept, {self.retaken} re-taken, {self.lost} lost, "
+            f"{self.released} released (owner dead) in {self.duration_ms:.0f} ms"
+        )
 
 
 @dataclass
@@ -66,8 +69,13 @@ class Outcome:
 
 def _owner(row: dict[str, Any]) -> Owner:
     return Owner(
-        uuid=row["uuid"], name=row["name"], pid=row["pid"], uid=row["uid"],
-        start_time=row["start_time"], boot_id=row["boot_id"], fence=row["fence"],
+        uuid=row["uuid"],
+        name=row["name"],
+        pid=row["pid"],
+        uid=row["uid"],
+        start_time=row["start_time"],
+        boot_id=row["boot_id"],
+        fence=row["fence"],
         registered_at=row["registered_at"],
     )
 
@@ -98,26 +106,37 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     if journal_boot is not None and journal_boot != boot and snap.leases:
         with journal.transaction():
             report.host_rebooted = journal.close_all(
-                "host-rebooted", f"journal written during boot {journal_boot}")
+                "host-rebooted", f"journal written during boot {journal_boot}"
+            )
             journal.set_meta("boot_id", boot)
-        log.warning("journal is from boot %s: closed %d leases as host-rebooted",
-                    journal_boot, report.host_rebooted, extra={"LOCKD_EVENT": "host-rebooted"})
+        log.warning(
+            "journal is from boot %s: closed %d leases as host-rebooted",
+            journal_boot,
+            report.host_rebooted,
+            extra={"LOCKD_EVENT": "host-rebooted"},
+        )
         snap = journal.load()
     last_token = int(snap.meta.get("last_token", "0"))
     failpoint.hit("recovery.before-replay")
 
     table = LeaseTable()
     owners = {row["uuid"]: _owner(row) for row in snap.owners}
-    alive = {u: process.is_same_process(o.pid, o.start_time, o.boot_id)
-             for u, o in owners.items()}
+    alive = {u: process.is_same_process(o.pid, o.start_time, o.boot_id) for u, o in owners.items()}
     to_fence: dict[str, list[Lease]] = {}
     first_retake = True
     for row in snap.leases:
         owner = owners[row["owner"]]
         lease = Lease(
-            owner=owner, lockspace=row["lockspace"], rkey=row["rkey"],
-            resource=row["resource"], path=row["path"], mode=row["mode"], token=row["token"],
-            acquired_at=row["acquired_at"], fdname=row["fdname"], state=State.RECOVERING,
+            owner=owner,
+            lockspace=row["lockspace"],
+            rkey=row["rkey"],
+            resource=row["resource"],
+            path=row["path"],
+            mode=row["mode"],
+            token=row["token"],
+            acquired_at=row["acquired_at"],
+            fdname=row["fdname"],
+            state=State.RECOVERING,
             id=row["id"],
         )
         last_token = max(last_token, lease.token)
@@ -127,8 +146,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             report.released += 1
             if fd is not None:
                 stored[lease.fdname] = fd  # closed by the caller after this commit
-            lease_id = lease.id
-            ops.append(lambda i=lease_id: journal.delete_lease(i))
+            ops.append(partial(journal.delete_lease, lease.id))
             ops.append(_event(journal, "owner-dead", lease, "owner exited while lockd was down"))
             continue
         if row["state"] == "lost":
@@ -147,21 +165,33 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             if fd is not None:
                 stored[lease.fdname] = fd
             try:
-                locked = lockspaces.lock(lease.lockspace, lease.resource, lease.rkey,
-                                         lease.exclusive)
+                locked = lockspaces.lock(
+                    lease.lockspace, lease.resource, lease.rkey, lease.exclusive
+                )
             except (ResourceBusy, InvalidResource, PermissionDenied, LimitExceeded) as exc:
                 lease.apply(Event.LOSE)
                 lease.continuity = "lost"
                 report.lost += 1
-                reason = ("taken by another holder while lockd was down"
-                          if isinstance(exc, ResourceBusy) else f"cannot lock again: {exc}")
-                lease_id = lease.id
-                ops.append(lambda i=lease_id: journal.set_lease_state(i, "lost"))
+                reason = (
+                    "taken by another holder while lockd was down"
+                    if isinstance(exc, ResourceBusy)
+                    else f"cannot lock again: {exc}"
+                )
+                ops.append(partial(journal.set_lease_state, lease.id, "lost"))
                 ops.append(_event(journal, "lost", lease, reason))
                 to_fence.setdefault(owner.uuid, []).append(lease)
-                log.error("lease on %s of owner %s lost: %s", lease.resource, owner.name, reason,
-                          extra={"LOCKD_RESOURCE": lease.resource, "LOCKD_OWNER": owner.uuid,
-                                 "LOCKD_TOKEN": lease.token, "LOCKD_EVENT": "lost"})
+                log.error(
+                    "lease on %s of owner %s lost: %s",
+                    lease.resource,
+                    owner.name,
+                    reason,
+                    extra={
+                        "LOCKD_RESOURCE": lease.resource,
+                        "LOCKD_OWNER": owner.uuid,
+                        "LOCKD_TOKEN": lease.token,
+                        "LOCKD_EVENT": "lost",
+                    },
+                )
             else:
                 lease.fd = locked.fd
                 lease.apply(Event.RETAKE)
@@ -175,10 +205,16 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
 
     dead = [o for u, o in owners.items() if not alive[u]]
     for owner in dead:
-        uuid, pid = owner.uuid, owner.pid
-        ops.append(lambda u=uuid: journal.delete_owner(u))
-        ops.append(lambda u=uuid, p=pid: journal.event(
-            "owner-dead", owner=u, pid=p, reason="owner exited while lockd was down"))
+        ops.append(partial(journal.delete_owner, owner.uuid))
+        ops.append(
+            partial(
+                journal.event,
+                "owner-dead",
+                owner=owner.uuid,
+                pid=owner.pid,
+                reason="owner exited while lockd was down",
+            )
+        )
     for u, o in owners.items():
         if alive[u]:
             table.add_owner(o)

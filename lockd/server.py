@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import socket
@@ -87,13 +88,19 @@ class Connection(asyncio.Protocol):
         if len(self.server.connections) > self.server.config.max_connections:
             self._fail(LockdError("too many connections"), "connections")
         elif self.admin and self.peer_uid != 0:
-            self._fail(PermissionDenied("the admin interface is root only", reason="not root"),
-                       "admin")
+            self._fail(
+                PermissionDenied("the admin interface is root only", reason="not root"), "admin"
+            )
 
     def _fail(self, err: LockdError, why: str) -> None:
         assert self.transport is not None
-        log.warning("refused connection of pid %d uid %d: %s", self.peer_pid, self.peer_uid,
-                    why, extra={"LOCKD_EVENT": "refused"})
+        log.warning(
+            "refused connection of pid %d uid %d: %s",
+            self.peer_pid,
+            self.peer_uid,
+            why,
+            extra={"LOCKD_EVENT": "refused"},
+        )
         self.transport.write(encode_error(err))
         self.transport.close()
 
@@ -135,8 +142,12 @@ class Connection(asyncio.Protocol):
             t.resume_reading()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        log.warning("protocol error from pid %d: %s", self.peer_pid, exc,
-                    extra={"LOCKD_EVENT": "protocol-error"})
+        log.warning(
+            "protocol error from pid %d: %s",
+            self.peer_pid,
+            exc,
+            extra={"LOCKD_EVENT": "protocol-error"},
+        )
         self.queue.clear()
         if self.transport is not None:
             self.transport.write(encode_error(exc))
@@ -170,7 +181,7 @@ class Connection(asyncio.Protocol):
                 raise MethodNotFound(method=call.method)
             if call.method.endswith(".Watch"):
                 if not call.more:
-                    raise InvalidParameter("Watch needs \"more\": true", parameter="more")
+                    raise InvalidParameter('Watch needs "more": true', parameter="more")
                 reply = await handler(self, Params(call.parameters))
             else:
                 reply = await handler(self, Params(call.parameters))
@@ -219,7 +230,7 @@ class Server:
     async def start(self, main_sock: socket.socket, admin_sock: socket.socket) -> None:
         for sock, admin in ((main_sock, False), (admin_sock, True)):
             srv = await self.loop.create_unix_server(
-                lambda admin=admin: Connection(self, admin), sock=sock, backlog=1024
+                functools.partial(Connection, self, admin), sock=sock, backlog=1024
             )
             self.servers.append(srv)
 
@@ -239,11 +250,16 @@ class Server:
     # -- org.varlink.service ----------------------------------------------------------------
     async def get_info(self, conn: Connection, p: Params) -> dict[str, Any]:
         interfaces = ["org.varlink.service", "io.lockd.Admin" if conn.admin else "io.lockd"]
-        return {"vendor": "lockd", "product": "lockd", "version": __version__,
-                "url": "https://github.com/lockd/lockd", "interfaces": interfaces}
+        return {
+            "vendor": "lockd",
+            "product": "lockd",
+            "version": __version__,
+            "url": "https://github.com/lockd/lockd",
+            "interfaces": interfaces,
+        }
 
     async def get_interface_description(self, conn: Connection, p: Params) -> dict[str, Any]:
-        name = p.str("interface", max_len=255)
+        name = p.string("interface", max_len=255)
         allowed = "io.lockd.Admin" if conn.admin else "io.lockd"
         if name == "org.varlink.service":
             return {"description": _VARLINK_SERVICE}
@@ -253,28 +269,36 @@ class Server:
 
     # -- io.lockd -----------------------------------------------------------------------------
     def _owner(self, conn: Connection, p: Params) -> Owner:
-        return self.service.find_owner(p.opt_str("owner", 64), p.opt_int("pid", 1, 2**22),
-                                       conn.peer_uid)
+        return self.service.find_owner(
+            p.opt_string("owner", 64), p.opt_int("pid", 1, 2**22), conn.peer_uid
+        )
 
     async def register(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = await self.service.register(
-            p.int("pid", 1, 2**22), p.opt_str("uuid", 64), p.opt_str("name", 255),
-            p.opt_str("fence", 16), conn.peer_uid,
+            p.integer("pid", 1, 2**22),
+            p.opt_string("uuid", 64),
+            p.opt_string("name", 255),
+            p.opt_string("fence", 16),
+            conn.peer_uid,
         )
         return {"owner": owner.wire()}
 
     async def acquire(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = self._owner(conn, p)
         lease = await self.service.acquire(
-            owner, p.opt_str("lockspace", 64), p.str("resource"),
-            p.str("mode", "exclusive", 16), p.opt_int("token"),
+            owner,
+            p.opt_string("lockspace", 64),
+            p.string("resource"),
+            p.string("mode", "exclusive", 16),
+            p.opt_int("token"),
         )
         return {"lease": lease.wire()}
 
     async def release(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = self._owner(conn, p)
-        released = await self.service.release(owner, p.opt_str("lockspace", 64),
-                                              p.str("resource"))
+        released = await self.service.release(
+            owner, p.opt_string("lockspace", 64), p.string("resource")
+        )
         return {"lease": released}
 
     async def release_all(self, conn: Connection, p: Params) -> dict[str, Any]:
@@ -282,22 +306,36 @@ class Server:
 
     async def inquire(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = self._owner(conn, p)
-        return {"owner": owner.wire(),
-                "leases": [lease.wire() for lease in owner.leases.values()]}
+        return {"owner": owner.wire(), "leases": [lease.wire() for lease in owner.leases.values()]}
 
     async def watch(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = self._owner(conn, p)
         q = self.service.subscribe(owner)
         try:
-            conn.send(encode_reply({"event": {"event": "watching", "owner": owner.uuid,
-                                              "pid": owner.pid, "at": time.time()}}, True))
+            conn.send(
+                encode_reply(
+                    {
+                        "event": {
+                            "event": "watching",
+                            "owner": owner.uuid,
+                            "pid": owner.pid,
+                            "at": time.time(),
+                        }
+                    },
+                    True,
+                )
+            )
             for lease in owner.leases.values():
                 if lease.state.value == "lost":
-                    conn.send(encode_reply({"event": {"event": "lost", "at": time.time(),
-                                                      **lease.wire()}}, True))
+                    conn.send(
+                        encode_reply(
+                            {"event": {"event": "lost", "at": time.time(), **lease.wire()}}, True
+                        )
+                    )
             while True:
-                get = asyncio.ensure_future(q.get())
-                await asyncio.wait({get, conn.closed}, return_when=asyncio.FIRST_COMPLETED)
+                get: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(q.get())
+                waiting: set[asyncio.Future[Any]] = {get, conn.closed}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
                     return {}
@@ -312,28 +350,32 @@ class Server:
     async def status(self, conn: Connection, p: Params) -> dict[str, Any]:
         table = self.service.table
         leases = table.leases()
-        return {"status": {
-            "pid": os.getpid(),
-            "version": __version__,
-            "boot_id": self.service.journal.get_meta("boot_id") or "",
-            "state_dir": str(self.config.state_dir),
-            "journal": str(self.config.journal_path),
-            "started_at": self.started_at,
-            "leases": len(leases),
-            "lost": sum(1 for lease in leases if lease.state.value == "lost"),
-            "owners": len(table.owners),
-            "connections": len(self.connections),
-            "next_token": self.service.commit.last_token + 1,
-            "recovery": self.report.wire(),
-        }}
+        return {
+            "status": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "boot_id": self.service.journal.get_meta("boot_id") or "",
+                "state_dir": str(self.config.state_dir),
+                "journal": str(self.config.journal_path),
+                "started_at": self.started_at,
+                "leases": len(leases),
+                "lost": sum(1 for lease in leases if lease.state.value == "lost"),
+                "owners": len(table.owners),
+                "connections": len(self.connections),
+                "next_token": self.service.commit.last_token + 1,
+                "recovery": self.report.wire(),
+            }
+        }
 
     async def list_leases(self, conn: Connection, p: Params) -> dict[str, Any]:
-        lockspace = p.opt_str("lockspace", 64)
-        owner = p.opt_str("owner", 64)
+        lockspace = p.opt_string("lockspace", 64)
+        owner = p.opt_string("owner", 64)
         ls = None if lockspace is None else self.service.lockspaces.canonical(lockspace)
         leases = [
-            lease.wire() for lease in self.service.table.leases()
-            if (ls is None or lease.lockspace == ls) and (owner is None or lease.owner.uuid == owner)
+            lease.wire()
+            for lease in self.service.table.leases()
+            if (ls is None or lease.lockspace == ls)
+            and (owner is None or lease.owner.uuid == owner)
         ]
         leases.sort(key=lambda w: w["token"])
         return {"leases": leases}
@@ -344,12 +386,18 @@ class Server:
 
     async def history(self, conn: Connection, p: Params) -> dict[str, Any]:
         limit = p.opt_int("limit", 1, 100_000) or 50
-        return {"events": self.service.journal.history(
-            limit, p.opt_str("owner", 64), p.opt_str("resource"))}
+        return {
+            "events": self.service.journal.history(
+                limit, p.opt_string("owner", 64), p.opt_string("resource")
+            )
+        }
 
     async def force_release(self, conn: Connection, p: Params) -> dict[str, Any]:
-        return {"leases": await self.service.force_release(
-            p.opt_str("lockspace", 64), p.str("resource"), p.opt_str("owner", 64))}
+        return {
+            "leases": await self.service.force_release(
+                p.opt_string("lockspace", 64), p.string("resource"), p.opt_string("owner", 64)
+            )
+        }
 
 
 _VARLINK_SERVICE = """\

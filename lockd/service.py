@@ -24,6 +24,7 @@ its own uid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -148,8 +149,8 @@ class LockService:
     def find_owner(self, owner: str | None, pid: int | None, peer_uid: int) -> Owner:
         if (owner is None) == (pid is None):
             raise InvalidParameter("give exactly one of owner (uuid) and pid", parameter="owner")
-        found = self.table.owners.get(owner) if owner is not None else self.table.by_pid.get(
-            pid or 0
+        found = (
+            self.table.owners.get(owner) if owner is not None else self.table.by_pid.get(pid or 0)
         )
         if found is None:
             raise NoSuchOwner(owner=owner if owner is not None else str(pid))
@@ -179,7 +180,11 @@ class LockService:
         if by_pid is not None and by_pid.start_time != start:
             by_pid = None  # a stale entry: its death is being processed
         if uuid is None:
-            uuid = by_pid.uuid if by_pid else str(uuidlib.uuid5(OWNER_NAMESPACE, f"{boot}:{pid}:{start}"))
+            uuid = (
+                by_pid.uuid
+                if by_pid
+                else str(uuidlib.uuid5(OWNER_NAMESPACE, f"{boot}:{pid}:{start}"))
+            )
         else:
             try:
                 uuid = str(uuidlib.UUID(uuid))
@@ -221,8 +226,12 @@ class LockService:
         except JournalError:
             self.forget_owner(owner)
             raise
-        log.info("registered owner %s pid %d", owner.name, pid,
-                 extra={"LOCKD_OWNER": uuid, "LOCKD_EVENT": "register"})
+        log.info(
+            "registered owner %s pid %d",
+            owner.name,
+            pid,
+            extra={"LOCKD_OWNER": uuid, "LOCKD_EVENT": "register"},
+        )
         return owner
 
     def watch_owner(self, owner: Owner) -> bool:
@@ -262,8 +271,9 @@ class LockService:
         ops: list[Callable[[], None]] = [lambda: self.journal.delete_owner(owner.uuid)]
         for lease in leases:
             ops.append(self._event_op("owner-dead", lease, reason))
-        ops.append(lambda: self.journal.event("owner-dead", owner=owner.uuid, pid=owner.pid,
-                                              reason=reason))
+        ops.append(
+            lambda: self.journal.event("owner-dead", owner=owner.uuid, pid=owner.pid, reason=reason)
+        )
         while True:
             try:
                 await self.commit.submit(*ops)
@@ -276,10 +286,16 @@ class LockService:
         for lease in leases:
             lease.apply(Event.COMMITTED)
             self._drop(lease)
-        log.info("owner %s pid %d died: released %d leases", owner.name, owner.pid, len(leases),
-                 extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "owner-dead"})
-        self.publish(owner, {"event": "owner-dead", "owner": owner.uuid, "pid": owner.pid,
-                             "reason": reason})
+        log.info(
+            "owner %s pid %d died: released %d leases",
+            owner.name,
+            owner.pid,
+            len(leases),
+            extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "owner-dead"},
+        )
+        self.publish(
+            owner, {"event": "owner-dead", "owner": owner.uuid, "pid": owner.pid, "reason": reason}
+        )
 
     # -- acquire --------------------------------------------------------------------------
     async def acquire(
@@ -306,7 +322,9 @@ class LockService:
             if existing.mode != mode:
                 raise ResourceBusy(
                     f"{resource} is already held {existing.mode} by this owner; release it first",
-                    lockspace=ls, resource=resource, mode=mode,
+                    lockspace=ls,
+                    resource=resource,
+                    mode=mode,
                 )
             return existing  # idempotent repeat: same lease, same token
         if len(owner.leases) >= self.config.max_leases_per_owner:
@@ -324,14 +342,22 @@ class LockService:
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, mode == "exclusive")
         except ResourceBusy:
-            raise ResourceBusy(f"{resource} is busy", lockspace=ls, resource=resource,
-                               mode=mode) from None
+            raise ResourceBusy(
+                f"{resource} is busy", lockspace=ls, resource=resource, mode=mode
+            ) from None
         failpoint.hit("acquire.after-lock")
         new_token = self.commit.next_token()
         lease = Lease(
-            owner=owner, lockspace=ls, rkey=rkey, resource=resource,
-            path=self.lockspaces.lease_path(ls, resource, rkey), mode=mode, token=new_token,
-            acquired_at=time.time(), fdname=f"lease-{new_token}", state=State.ACQUIRING,
+            owner=owner,
+            lockspace=ls,
+            rkey=rkey,
+            resource=resource,
+            path=self.lockspaces.lease_path(ls, resource, rkey),
+            mode=mode,
+            token=new_token,
+            acquired_at=time.time(),
+            fdname=f"lease-{new_token}",
+            state=State.ACQUIRING,
             fd=locked.fd,
         )
         lease.settled = self.loop.create_future()
@@ -357,10 +383,8 @@ class LockService:
     # -- release --------------------------------------------------------------------------
     def _find(self, owner: Owner, ls: str, resource: str) -> tuple[Lease | None, str | None]:
         rkey = None
-        try:
+        with contextlib.suppress(LockdError):
             rkey = self.lockspaces.key(ls, resource)
-        except LockdError:
-            pass
         if rkey is not None and (ls, rkey) in owner.leases:
             return owner.leases[(ls, rkey)], rkey
         # the file may be gone, or now another inode: match by the name it was taken with
@@ -381,8 +405,13 @@ class LockService:
             last = self.journal.last_release(owner.uuid, ls, rkey) if rkey else None
             if last is None:
                 raise NotHeld(lockspace=ls, resource=resource)
-            return released_wire(lockspace=ls, resource=last["resource"], mode=last["mode"],
-                                 owner=owner.ref(), token=last["token"])
+            return released_wire(
+                lockspace=ls,
+                resource=last["resource"],
+                mode=last["mode"],
+                owner=owner.ref(),
+                token=last["token"],
+            )
         await self.release_lease(lease, "release", None)
         return released_wire(lease)
 
@@ -393,8 +422,9 @@ class LockService:
         failpoint.hit("release.before-commit")
         lease_id = lease.id
         try:
-            await self.commit.submit(lambda: self.journal.delete_lease(lease_id),
-                                     self._event_op(event, lease, reason))
+            await self.commit.submit(
+                lambda: self.journal.delete_lease(lease_id), self._event_op(event, lease, reason)
+            )
         except JournalError:
             lease.apply(Event.FAILED)
             self._settle(lease)
@@ -405,8 +435,7 @@ class LockService:
         failpoint.hit("release.after-close")
         self._settle(lease)
         if event != "release":
-            self.publish(lease.owner, {"event": event, **released_wire(lease),
-                                       "reason": reason})
+            self.publish(lease.owner, {"event": event, **released_wire(lease), "reason": reason})
 
     async def release_all(self, owner: Owner) -> list[dict[str, Any]]:
         leases = list(owner.leases.values())
@@ -431,8 +460,11 @@ class LockService:
         rkey = self.lockspaces.key(ls, resource)
         found = self.table.holders(ls, rkey) if rkey else []
         if not found:
-            found = [lease for lease in self.table.leases()
-                     if lease.lockspace == ls and lease.resource == resource]
+            found = [
+                lease
+                for lease in self.table.leases()
+                if lease.lockspace == ls and lease.resource == resource
+            ]
         if owner is not None:
             found = [lease for lease in found if lease.owner.uuid == owner]
         out = []
@@ -467,20 +499,33 @@ class LockService:
     def fence(self, owner: Owner, leases: Iterable[Lease]) -> None:
         names = ", ".join(lease.resource for lease in leases)
         if owner.fence == "none":
-            log.warning("owner %s pid %d lost leases (%s); fence policy none",
-                        owner.name, owner.pid, names,
-                        extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "lost"})
+            log.warning(
+                "owner %s pid %d lost leases (%s); fence policy none",
+                owner.name,
+                owner.pid,
+                names,
+                extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "lost"},
+            )
             return
         sig = signal.SIGKILL if owner.fence == "kill" else signal.SIGTERM
         sent = process.signal_owner(owner.pidfd, owner.pid, owner.start_time, sig)
-        log.warning("owner %s pid %d lost leases (%s): sent %s", owner.name, owner.pid, names,
-                    sig.name if sent else "nothing (already gone)",
-                    extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "fence"})
+        log.warning(
+            "owner %s pid %d lost leases (%s): sent %s",
+            owner.name,
+            owner.pid,
+            names,
+            sig.name if sent else "nothing (already gone)",
+            extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "fence"},
+        )
         if sent and sig == signal.SIGTERM:
             self.loop.call_later(
                 self.config.fence_grace,
-                lambda: owner.uuid in self.table.owners and process.signal_owner(
-                    owner.pidfd, owner.pid, owner.start_time, signal.SIGKILL),
+                lambda: (
+                    owner.uuid in self.table.owners
+                    and process.signal_owner(
+                        owner.pidfd, owner.pid, owner.start_time, signal.SIGKILL
+                    )
+                ),
             )
 
     def subscribe(self, owner: Owner) -> asyncio.Queue[dict[str, Any]]:

@@ -72,18 +72,21 @@ class Decoder:
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         if self._broken is not None:
             raise self._broken
+        # Search for NUL only in what is new: a large message arriving in many small reads
+        # would otherwise be rescanned from its start on every read (quadratic).
+        scan = len(self._buf)
         self._buf += data
         out: list[dict[str, Any]] = []
         try:
             start = 0
             while True:
-                end = self._buf.find(0, start)
+                end = self._buf.find(0, scan)
                 if end < 0:
                     break
                 if end - start > self.max_message:
                     raise self._too_big()
                 out.append(loads(bytes(self._buf[start:end])))
-                start = end + 1
+                start = scan = end + 1
             del self._buf[:start]
             if len(self._buf) > self.max_message:
                 raise self._too_big()
@@ -99,9 +102,7 @@ class Decoder:
         return len(self._buf)
 
     def _too_big(self) -> ProtocolError:
-        return ProtocolError(
-            f"message longer than {self.max_message} bytes", reason="too-big"
-        )
+        return ProtocolError(f"message longer than {self.max_message} bytes", reason="too-big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,7 @@ class Params:
     def __init__(self, parameters: dict[str, Any]) -> None:
         self._p = parameters
 
-    def str(self, name: str, default: str | None = None, max_len: int = MAX_STRING) -> str:
+    def string(self, name: str, default: str | None = None, max_len: int = MAX_STRING) -> str:
         value = self._p.get(name)
         if value is None:
             if default is None:
@@ -172,10 +173,10 @@ class Params:
             )
         return value
 
-    def opt_str(self, name: str, max_len: int = MAX_STRING) -> str | None:
+    def opt_string(self, name: str, max_len: int = MAX_STRING) -> str | None:
         if self._p.get(name) is None:
             return None
-        return self.str(name, max_len=max_len)
+        return self.string(name, max_len=max_len)
 
     def opt_int(self, name: str, lo: int = 0, hi: int = 2**63 - 1) -> int | None:
         value = self._p.get(name)
@@ -188,7 +189,7 @@ class Params:
             )
         return value
 
-    def int(self, name: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    def integer(self, name: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
         value = self.opt_int(name, lo, hi)
         if value is None:
             raise InvalidParameter(f"parameter {name!r} is required", parameter=name)
