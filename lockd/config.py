@@ -103,6 +103,10 @@ class Config:
     max_owners: int = 4096
     max_leases_per_owner: int = 16_384
     max_leases: int = 65_536
+    # systemd's fd store for lease fds: auto (on when socket-activated by our units, which
+    # set FileDescriptorStoreMax=, or when systemd 254+ announces a store in $FDSTORE),
+    # yes, no
+    fd_store: str = "auto"
     # log level name for the daemon's own messages
     log_level: str = "INFO"
 
@@ -131,6 +135,8 @@ class Config:
             raise ConfigError(f"default_fence must be one of {', '.join(FENCE_POLICIES)}")
         if self.synchronous not in SYNCHRONOUS:
             raise ConfigError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}")
+        if self.fd_store not in ("auto", "yes", "no"):
+            raise ConfigError("fd_store must be auto, yes or no")
         if self.fence_grace < 0:
             raise ConfigError("fence_grace must be >= 0")
         for name in (
@@ -168,6 +174,7 @@ KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "max_owners": (int, int),
     "max_leases_per_owner": (int, int),
     "max_leases": (int, int),
+    "fd_store": (str, str),
     "log_level": (str, lambda s: s.upper()),
 }
 

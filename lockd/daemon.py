@@ -31,11 +31,12 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import fasteners
 
-from lockd import __version__, failpoint, notify
+from lockd import __version__, failpoint, handover, notify, ofd
 from lockd.config import Config, ConfigError, load
 from lockd.journal import Journal, JournalUnreadable
 from lockd.lockspace import Lockspaces
@@ -98,10 +99,21 @@ def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
     return sock
 
 
+def socket_from_fd(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)  # family and type are read from the fd
+    sock.setblocking(False)
+    return sock
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stop = asyncio.Event()
+        self.reexec_requested = False
+
+    def request_reexec(self) -> None:
+        self.reexec_requested = True
+        self.stop.set()
 
     def lock_state_dir(self) -> fasteners.InterProcessLock:
         state = self.config.state_dir
@@ -119,29 +131,65 @@ class Daemon:
         pidfile.write_text(f"{os.getpid()}\n")
         return lock
 
+    def inherited(self) -> handover.Handover:
+        """Sockets and lease fds from a previous image (re-exec) or from systemd."""
+        handed = handover.take()
+        if handed is not None:
+            return handed
+        fds = notify.listen_fds()
+        sockets = {
+            name: fds.pop(name)
+            for name in (notify.MAIN_SOCKET_NAME, notify.ADMIN_SOCKET_NAME)
+            if name in fds
+        }
+        mode = self.config.fd_store
+        use_store = mode == "yes" or (
+            mode == "auto" and (bool(sockets) or notify.store_announced())
+        )
+        return handover.Handover(sockets, fds, use_store)
+
+    def listening(self, inherited: dict[str, int]) -> tuple[socket.socket, socket.socket]:
+        cfg = self.config
+        main_fd = inherited.get(notify.MAIN_SOCKET_NAME)
+        admin_fd = inherited.get(notify.ADMIN_SOCKET_NAME)
+        main = (
+            socket_from_fd(main_fd)
+            if main_fd is not None
+            else bind_socket(cfg.socket, 0o660 if cfg.socket_group else 0o600, cfg.socket_group)
+        )
+        admin = (
+            socket_from_fd(admin_fd)
+            if admin_fd is not None
+            else bind_socket(cfg.admin_socket, 0o600, None)
+        )
+        return main, admin
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        # startup
+        loop.set_exception_handler(_loop_exception)
+        # -- startup: DESIGN §5, in order
         state_lock = self.lock_state_dir()
         nofile = raise_nofile()
+        inherited = self.inherited()
         try:
             journal = Journal(self.config.journal_path, self.config.synchronous)
         except JournalUnreadable as exc:
             raise Fatal(str(exc)) from None
         journal.prune(self.config.history_retention)
-        main_sock = bind_socket(
-            self.config.socket,
-            0o660 if self.config.socket_group else 0o600,
-            self.config.socket_group,
-        )
-        admin_sock = bind_socket(self.config.admin_socket, 0o600, None)
+        main_sock, admin_sock = self.listening(inherited.sockets)
         lockspaces = Lockspaces(self.config.lockspaces)
-        outcome = recover(journal, lockspaces, stored={})
+        stored = dict(inherited.leases)
+        outcome = recover(journal, lockspaces, stored)
+        fdstore = notify.FdStore(inherited.fd_store)
+        for lease in outcome.table.leases():
+            if lease.continuity == "retaken" and lease.fd is not None:
+                fdstore.add(lease.fdname, lease.fd)  # before anything is served
+        for name, fd in stored.items():  # strays: released, or of a dead owner
+            fdstore.remove(name)
+            ofd.unlock_and_close(fd)
         commit = GroupCommit(journal, loop)
         commit.last_token = outcome.last_token
-        service = LockService(
-            self.config, journal, commit, outcome.table, notify.FdStore(False), loop
-        )
+        service = LockService(self.config, journal, commit, outcome.table, fdstore, loop)
         for owner in list(outcome.table.owners.values()):
             if not service.watch_owner(owner):
                 loop.create_task(service.owner_died(owner, "owner exited during recovery"))
@@ -150,25 +198,56 @@ class Daemon:
             if fenced is not None:
                 service.fence(fenced, lost)
         failpoint.hit("recovery.before-ready")
-        server = Server(self.config, service, outcome.report)
+        server = Server(self.config, service, outcome.report, self.request_reexec)
         await server.start(main_sock, admin_sock)
         log.info(
-            "lockd %s ready: %s; %d leases held, fd limit %d",
+            "lockd %s ready: %s; %d leases held, fd store %s, fd limit %d",
             __version__,
             outcome.report.summary(),
             outcome.table.count,
+            "on" if fdstore.enabled else "off",
             nofile,
             extra={"LOCKD_EVENT": "ready"},
         )
-        notify.notify(
-            f"READY=1\nSTATUS=serving {outcome.table.count} leases; "
-            f"recovery: {outcome.report.summary()}"
-        )
-        # serve
+        notify.notify(f"READY=1\nSTATUS={server.status_line()}")
+        # -- serve
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        await self.stop.wait()
-        # shutdown
+        loop.add_signal_handler(signal.SIGUSR1, self.request_reexec)
+        timers = [Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}"))]
+        interval = notify.watchdog_interval()
+        if interval is not None:
+            timers.append(Ticker(loop, interval, lambda: notify.notify("WATCHDOG=1")))
+        while True:
+            await self.stop.wait()
+            if not self.reexec_requested:
+                break
+            # -- re-exec: journal what is in flight, then hand every fd to the new image
+            commit.flush()
+            held = {
+                lease.fdname: lease.fd for lease in outcome.table.leases() if lease.fd is not None
+            }
+            log.info("re-executing with %d lease fds", len(held), extra={"LOCKD_EVENT": "reexec"})
+            notify.notify("RELOADING=1")
+            try:
+                handover.reexec(
+                    handover.Handover(
+                        {
+                            notify.MAIN_SOCKET_NAME: main_sock.fileno(),
+                            notify.ADMIN_SOCKET_NAME: admin_sock.fileno(),
+                        },
+                        held,
+                        fdstore.enabled,
+                    )
+                )
+            except OSError as exc:  # the new image cannot start: keep serving with this one
+                log.error("re-exec failed: %s", exc, extra={"LOCKD_EVENT": "reexec-failed"})
+                notify.notify("READY=1")
+                self.reexec_requested = False
+                self.stop.clear()
+        # -- shutdown: nothing is released; the journal keeps every lease
+        for timer in timers:
+            timer.cancel()
         notify.notify("STOPPING=1")
         log.info(
             "stopping; %d leases stay journaled", outcome.table.count, extra={"LOCKD_EVENT": "stop"}
@@ -177,10 +256,32 @@ class Daemon:
         commit.flush()
         journal.close()
         for sock_path in (self.config.socket, self.config.admin_socket):
-            with contextlib.suppress(OSError):
-                os.unlink(sock_path)
+            if not inherited.sockets:  # systemd's sockets are systemd's to remove
+                with contextlib.suppress(OSError):
+                    os.unlink(sock_path)
         state_lock.release()
         return EXIT_OK
+
+
+class Ticker:
+    """Call ``fn`` every ``seconds`` from the event loop (so a hung loop stops the calls)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, fn: Callable[[], None]):
+        self.loop, self.seconds, self.fn = loop, seconds, fn
+        self.handle = loop.call_later(seconds, self._tick)
+
+    def _tick(self) -> None:
+        self.fn()
+        self.handle = self.loop.call_later(self.seconds, self._tick)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    if isinstance(context.get("exception"), MemoryError):
+        os.abort()  # DESIGN §8: abort and come back through recovery
+    loop.default_exception_handler(context)
 
 
 def setup_logging(level: str) -> None:

@@ -198,8 +198,15 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, config: Config, service: LockService, report: Report) -> None:
+    def __init__(
+        self,
+        config: Config,
+        service: LockService,
+        report: Report,
+        request_reexec: Callable[[], None],
+    ) -> None:
         self.config = config
+        self.request_reexec = request_reexec
         self.service = service
         self.report = report
         self.loop = service.loop
@@ -221,6 +228,7 @@ class Server:
             "io.lockd.Admin.ListOwners": self.list_owners,
             "io.lockd.Admin.History": self.history,
             "io.lockd.Admin.ForceRelease": self.force_release,
+            "io.lockd.Admin.Reexec": self.reexec,
             **self._service_methods(),
         }
 
@@ -391,6 +399,19 @@ class Server:
                 limit, p.opt_string("owner", 64), p.opt_string("resource")
             )
         }
+
+    async def reexec(self, conn: Connection, p: Params) -> dict[str, Any]:
+        # after this reply is written: transport.write sends at once when the buffer is empty
+        self.loop.call_soon(self.request_reexec)
+        return {}
+
+    def status_line(self) -> str:
+        table = self.service.table
+        lost = sum(1 for lease in table.leases() if lease.state.value == "lost")
+        return (
+            f"{table.count} leases ({lost} lost), {len(table.owners)} owners, "
+            f"{len(self.connections)} connections; last recovery: {self.report.summary()}"
+        )
 
     async def force_release(self, conn: Connection, p: Params) -> dict[str, Any]:
         return {
