@@ -285,8 +285,16 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, object])
 
 
 def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("lockd[%(process)d]: %(levelname)s %(message)s"))
+    """journald with structured fields (LOCKD_RESOURCE=, LOCKD_OWNER=, LOCKD_TOKEN=,
+    LOCKD_EVENT=) when systemd connected our stderr to the journal, plain stderr elsewhere."""
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM"):
+        from systemd.journal import JournalHandler
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER="lockd")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lockd[%(process)d]: %(levelname)s %(message)s"))
     root = logging.getLogger("lockd")
     root.handlers[:] = [handler]
     root.setLevel(level)
