@@ -214,7 +214,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self.request_reexec)
-        timers = [Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}"))]
+        timers = [
+            # history is bounded (DESIGN §4.5): prune it now and then, not on the hot path
+            Ticker(loop, 60.0, lambda: journal.prune(self.config.history_retention)),
+            Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}")),
+        ]
         interval = notify.watchdog_interval()
         if interval is not None:
             timers.append(Ticker(loop, interval, lambda: notify.notify("WATCHDOG=1")))
@@ -271,8 +275,8 @@ class Ticker:
         self.handle = loop.call_later(seconds, self._tick)
 
     def _tick(self) -> None:
+        self.handle = self.loop.call_later(self.seconds, self._tick)  # first: fn may raise
         self.fn()
-        self.handle = self.loop.call_later(self.seconds, self._tick)
 
     def cancel(self) -> None:
         self.handle.cancel()

@@ -179,12 +179,9 @@ class Connection(asyncio.Protocol):
             handler = self.server.handlers(self.admin).get(call.method)
             if handler is None:
                 raise MethodNotFound(method=call.method)
-            if call.method.endswith(".Watch"):
-                if not call.more:
-                    raise InvalidParameter('Watch needs "more": true', parameter="more")
-                reply = await handler(self, Params(call.parameters))
-            else:
-                reply = await handler(self, Params(call.parameters))
+            if call.method.endswith(".Watch") and not call.more:
+                raise InvalidParameter('Watch needs "more": true', parameter="more")
+            reply = await handler(self, Params(call.parameters))
             if not call.oneway:
                 self.send(encode_reply(reply))
         except LockdError as exc:
