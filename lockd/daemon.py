@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import resource
@@ -216,7 +217,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self.request_reexec)
         timers = [
             # history is bounded (DESIGN §4.5): prune it now and then, not on the hot path
-            Ticker(loop, 60.0, lambda: journal.prune(self.config.history_retention)),
+            Ticker(loop, 60.0, functools.partial(journal.prune, self.config.history_retention)),
             Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}")),
         ]
         interval = notify.watchdog_interval()
@@ -270,7 +271,7 @@ class Daemon:
 class Ticker:
     """Call ``fn`` every ``seconds`` from the event loop (so a hung loop stops the calls)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, fn: Callable[[], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, fn: Callable[[], object]):
         self.loop, self.seconds, self.fn = loop, seconds, fn
         self.handle = loop.call_later(seconds, self._tick)
 

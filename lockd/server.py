@@ -45,7 +45,7 @@ from lockd.errors import (
 )
 from lockd.leases import Owner
 from lockd.recovery import Report
-from lockd.service import LockService
+from lockd.service import MODES, LockService
 from lockd.varlink import Call, Decoder, Params, encode_error, encode_reply
 
 log = logging.getLogger("lockd")
@@ -289,21 +289,20 @@ class Server:
         return {"owner": owner.wire()}
 
     async def acquire(self, conn: Connection, p: Params) -> dict[str, Any]:
+        # every parameter is checked before anything is looked up: a malformed call is an
+        # InvalidParameter whatever else is wrong with it
+        lockspace, resource = p.opt_string("lockspace", 64), p.string("resource")
+        mode, token = p.string("mode", "exclusive", 16), p.opt_int("token")
+        if mode not in MODES:
+            raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
         owner = self._owner(conn, p)
-        lease = await self.service.acquire(
-            owner,
-            p.opt_string("lockspace", 64),
-            p.string("resource"),
-            p.string("mode", "exclusive", 16),
-            p.opt_int("token"),
-        )
+        lease = await self.service.acquire(owner, lockspace, resource, mode, token)
         return {"lease": lease.wire()}
 
     async def release(self, conn: Connection, p: Params) -> dict[str, Any]:
+        lockspace, resource = p.opt_string("lockspace", 64), p.string("resource")
         owner = self._owner(conn, p)
-        released = await self.service.release(
-            owner, p.opt_string("lockspace", 64), p.string("resource")
-        )
+        released = await self.service.release(owner, lockspace, resource)
         return {"lease": released}
 
     async def release_all(self, conn: Connection, p: Params) -> dict[str, Any]:
