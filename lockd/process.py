@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
+from dataclasses import dataclass
 from functools import cache
 
 
@@ -72,3 +75,53 @@ def signal_owner(pidfd: int | None, pid: int, start: int, sig: signal.Signals) -
     except ProcessLookupError:
         pass
     return False
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process at the other end of a connection (SO_PEERCRED, taken at accept)."""
+
+    pid: int
+    uid: int
+    gids: frozenset[int]
+
+    @classmethod
+    def of_socket(cls, sock: socket.socket) -> Peer:
+        pid, uid, gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        return cls(pid, uid, frozenset({gid, *_supplementary_groups(pid)}))
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+    def may_open(self, st: os.stat_result, write: bool) -> bool:
+        """Whether the peer itself could open a file of this mode for reading or writing.
+
+        The daemon runs as root and could lock any file; a non-root client must not make it
+        lock one it could not open itself (another user's disk image, /etc/shadow): that
+        would let it deny others their own files. Classic mode bits only (no ACLs).
+        """
+        if self.root:
+            return True
+        need = 0o2 if write else 0o4
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & (need << 6))
+        if st.st_gid in self.gids:
+            return bool(st.st_mode & (need << 3))
+        return bool(st.st_mode & need)
+
+
+_PEERCRED = struct.Struct("3i")
+
+
+def _supplementary_groups(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except OSError:
+        pass
+    return []

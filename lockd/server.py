@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,6 +43,7 @@ from lockd.errors import (
     ProtocolError,
 )
 from lockd.leases import Owner
+from lockd.process import Peer
 from lockd.recovery import Report
 from lockd.service import MODES, LockService
 from lockd.varlink import Call, Decoder, Params, encode_error, encode_reply
@@ -52,7 +52,6 @@ log = logging.getLogger("lockd")
 
 Handler = Callable[["Connection", Params], Awaitable[dict[str, Any]]]
 MAX_QUEUED_CALLS = 64
-_PEERCRED = struct.Struct("3i")
 
 
 def interface_description(name: str) -> str:
@@ -73,7 +72,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.worker: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = server.loop.create_future()
-        self.peer_pid = self.peer_uid = self.peer_gid = -1
+        self.peer = Peer(-1, -1, frozenset())
         self._write_paused = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -82,12 +81,10 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
-        self.peer_pid, self.peer_uid, self.peer_gid = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
+        self.peer = Peer.of_socket(sock)
         if len(self.server.connections) > self.server.config.max_connections:
             self._fail(LockdError("too many connections"), "connections")
-        elif self.admin and self.peer_uid != 0:
+        elif self.admin and self.peer.uid != 0:
             self._fail(
                 PermissionDenied("the admin interface is root only", reason="not root"), "admin"
             )
@@ -96,8 +93,8 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         log.warning(
             "refused connection of pid %d uid %d: %s",
-            self.peer_pid,
-            self.peer_uid,
+            self.peer.pid,
+            self.peer.uid,
             why,
             extra={"LOCKD_EVENT": "refused"},
         )
@@ -144,7 +141,7 @@ class Connection(asyncio.Protocol):
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning(
             "protocol error from pid %d: %s",
-            self.peer_pid,
+            self.peer.pid,
             exc,
             extra={"LOCKD_EVENT": "protocol-error"},
         )
@@ -275,7 +272,7 @@ class Server:
     # -- io.lockd -----------------------------------------------------------------------------
     def _owner(self, conn: Connection, p: Params) -> Owner:
         return self.service.find_owner(
-            p.opt_string("owner", 64), p.opt_int("pid", 1, 2**22), conn.peer_uid
+            p.opt_string("owner", 64), p.opt_int("pid", 1, 2**22), conn.peer
         )
 
     async def register(self, conn: Connection, p: Params) -> dict[str, Any]:
@@ -284,7 +281,7 @@ class Server:
             p.opt_string("uuid", 64),
             p.opt_string("name", 255),
             p.opt_string("fence", 16),
-            conn.peer_uid,
+            conn.peer,
         )
         return {"owner": owner.wire()}
 
@@ -296,7 +293,7 @@ class Server:
         if mode not in MODES:
             raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
         owner = self._owner(conn, p)
-        lease = await self.service.acquire(owner, lockspace, resource, mode, token)
+        lease = await self.service.acquire(owner, lockspace, resource, mode, token, conn.peer)
         return {"lease": lease.wire()}
 
     async def release(self, conn: Connection, p: Params) -> dict[str, Any]:

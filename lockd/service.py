@@ -49,7 +49,7 @@ from lockd.errors import (
 )
 from lockd.journal import Journal
 from lockd.leases import Event, Lease, LeaseTable, Owner, State
-from lockd.lockspace import Lockspaces
+from lockd.lockspace import DIRECT, Lockspaces
 from lockd.notify import FdStore
 
 log = logging.getLogger("lockd")
@@ -146,7 +146,7 @@ class LockService:
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
 
     # -- owners ---------------------------------------------------------------------------
-    def find_owner(self, owner: str | None, pid: int | None, peer_uid: int) -> Owner:
+    def find_owner(self, owner: str | None, pid: int | None, peer: process.Peer) -> Owner:
         if (owner is None) == (pid is None):
             raise InvalidParameter("give exactly one of owner (uuid) and pid", parameter="owner")
         found = (
@@ -154,14 +154,14 @@ class LockService:
         )
         if found is None:
             raise NoSuchOwner(owner=owner if owner is not None else str(pid))
-        if peer_uid != 0 and found.uid != peer_uid:
+        if not peer.root and found.uid != peer.uid:
             raise PermissionDenied(
                 "owner belongs to another user", reason="owner belongs to another user"
             )
         return found
 
     async def register(
-        self, pid: int, uuid: str | None, name: str | None, fence: str | None, peer_uid: int
+        self, pid: int, uuid: str | None, name: str | None, fence: str | None, peer: process.Peer
     ) -> Owner:
         if fence is not None and fence not in ("kill", "term", "none"):
             raise InvalidParameter("fence must be kill, term or none", parameter="fence")
@@ -171,7 +171,7 @@ class LockService:
         uid = process.uid_of(pid)
         if uid is None:
             raise NoSuchOwner(f"no process {pid}", owner=str(pid))
-        if peer_uid != 0 and uid != peer_uid:
+        if not peer.root and uid != peer.uid:
             raise PermissionDenied(
                 f"process {pid} belongs to another user", reason="process of another user"
             )
@@ -299,7 +299,13 @@ class LockService:
 
     # -- acquire --------------------------------------------------------------------------
     async def acquire(
-        self, owner: Owner, lockspace: str | None, resource: str, mode: str, token: int | None
+        self,
+        owner: Owner,
+        lockspace: str | None,
+        resource: str,
+        mode: str,
+        token: int | None,
+        peer: process.Peer,
     ) -> Lease:
         if mode not in MODES:
             raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
@@ -309,6 +315,16 @@ class LockService:
         if rkey is None:
             ofd.lock_existing(resource, mode == "exclusive")  # raises the precise error
             raise AssertionError("unreachable: stat failed but open succeeded")
+        if (
+            not peer.root
+            and ls == DIRECT
+            and not peer.may_open(os.stat(resource), mode == "exclusive")
+        ):
+            raise PermissionDenied(
+                f"{resource}: the client may not open it for "
+                + ("writing" if mode == "exclusive" else "reading"),
+                reason="the client has no access to the file",
+            )
         while True:
             existing = owner.leases.get((ls, rkey))
             if existing is None or existing.settled is None:
