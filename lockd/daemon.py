@@ -39,6 +39,7 @@ import fasteners
 
 from lockd import __version__, failpoint, handover, notify, ofd
 from lockd.config import Config, ConfigError, load
+from lockd.errors import JournalError
 from lockd.journal import Journal, JournalUnreadable
 from lockd.lockspace import Lockspaces
 from lockd.recovery import recover
@@ -176,11 +177,14 @@ class Daemon:
             journal = Journal(self.config.journal_path, self.config.synchronous)
         except JournalUnreadable as exc:
             raise Fatal(str(exc)) from None
-        journal.prune(self.config.history_retention)
         main_sock, admin_sock = self.listening(inherited.sockets)
         lockspaces = Lockspaces(self.config.lockspaces)
         stored = dict(inherited.leases)
-        outcome = recover(journal, lockspaces, stored)
+        try:
+            journal.prune(self.config.history_retention)
+            outcome = recover(journal, lockspaces, stored)
+        except JournalError as exc:  # ENOSPC, EIO: nothing can be granted; say so and stop
+            raise Fatal(f"cannot write the journal {self.config.journal_path}: {exc}") from None
         fdstore = notify.FdStore(inherited.fd_store)
         for lease in outcome.table.leases():
             if lease.continuity == "retaken" and lease.fd is not None:

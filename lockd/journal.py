@@ -130,7 +130,7 @@ class Journal:
             else:
                 self._check_known()
         except sqlite3.DatabaseError as exc:
-            raise JournalUnreadable(f"{path}: not a usable lockd journal ({exc})") from None
+            raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
 
     # -- schema -------------------------------------------------------------------------
     def _check_known(self) -> None:
