@@ -39,7 +39,7 @@ import fasteners
 
 from lockd import __version__, failpoint, handover, notify, ofd
 from lockd.config import Config, ConfigError, load
-from lockd.errors import JournalError
+from lockd.errors import JournalError, LimitExceeded
 from lockd.journal import Journal, JournalUnreadable
 from lockd.lockspace import Lockspaces
 from lockd.recovery import recover
@@ -185,6 +185,11 @@ class Daemon:
             outcome = recover(journal, lockspaces, stored)
         except JournalError as exc:  # ENOSPC, EIO: nothing can be granted; say so and stop
             raise Fatal(f"cannot write the journal {self.config.journal_path}: {exc}") from None
+        except LimitExceeded:
+            raise Fatal(
+                f"out of file descriptors re-taking the journaled leases (limit {nofile}); "
+                "raise LimitNOFILE= and start again: the journal is unchanged"
+            ) from None
         fdstore = notify.FdStore(inherited.fd_store)
         for lease in outcome.table.leases():
             if lease.continuity == "retaken" and lease.fd is not None:

@@ -267,6 +267,29 @@ class Journal:
             (at or time.time(), event, lockspace, resource, rkey, owner, pid, token, mode, reason),
         )
 
+    def lease_events(self, rows: list[tuple[str, dict[str, Any], str | None]]) -> None:
+        """Many events at once (recovery writes one per lease): (event, lease fields, reason)."""
+        now = time.time()
+        self.conn.executemany(
+            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
+            " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    now,
+                    event,
+                    f["lockspace"],
+                    f["resource"],
+                    f["rkey"],
+                    f["owner"],
+                    f["pid"],
+                    f["token"],
+                    f["mode"],
+                    reason,
+                )
+                for event, f, reason in rows
+            ],
+        )
+
     def last_release(self, owner: str, lockspace: str, rkey: str) -> dict[str, Any] | None:
         """The newest event of (owner, resource) if it ended the lease, for idempotent
         Release: repeating a release whose reply was lost answers the same."""

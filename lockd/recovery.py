@@ -30,7 +30,7 @@ from functools import partial
 from typing import Any
 
 from lockd import failpoint, ofd, process
-from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
+from lockd.errors import InvalidResource, PermissionDenied, ResourceBusy
 from lockd.journal import Journal
 from lockd.leases import Event, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces, direct_key
@@ -102,6 +102,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     boot = process.boot_id()
     snap = journal.load()
     ops: list[Callable[[], None]] = []
+    events: list[tuple[str, dict[str, Any], str | None]] = []
     journal_boot = snap.meta.get("boot_id")
     if journal_boot is not None and journal_boot != boot and snap.leases:
         with journal.transaction():
@@ -147,7 +148,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             if fd is not None:
                 stored[lease.fdname] = fd  # closed by the caller after this commit
             ops.append(partial(journal.delete_lease, lease.id))
-            ops.append(_event(journal, "owner-dead", lease, "owner exited while lockd was down"))
+            events.append(("owner-dead", lease.event_fields(), "owner exited while lockd was down"))
             continue
         if row["state"] == "lost":
             lease.apply(Event.LOSE)
@@ -168,7 +169,9 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                 locked = lockspaces.lock(
                     lease.lockspace, lease.resource, lease.rkey, lease.exclusive
                 )
-            except (ResourceBusy, InvalidResource, PermissionDenied, LimitExceeded) as exc:
+            except (ResourceBusy, InvalidResource, PermissionDenied) as exc:
+                # (LimitExceeded, out of fds, is not a loss: it propagates and the daemon
+                # stops with the journal untouched, to be recovered with a higher limit)
                 lease.apply(Event.LOSE)
                 lease.continuity = "lost"
                 report.lost += 1
@@ -178,7 +181,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                     else f"cannot lock again: {exc}"
                 )
                 ops.append(partial(journal.set_lease_state, lease.id, "lost"))
-                ops.append(_event(journal, "lost", lease, reason))
+                events.append(("lost", lease.event_fields(), reason))
                 to_fence.setdefault(owner.uuid, []).append(lease)
                 log.error(
                     "lease on %s of owner %s lost: %s",
@@ -197,7 +200,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                 lease.apply(Event.RETAKE)
                 lease.continuity = "retaken"
                 report.retaken += 1
-                ops.append(_event(journal, "retaken", lease, "locked again after a gap"))
+                events.append(("retaken", lease.event_fields(), "locked again after a gap"))
                 if first_retake:
                     first_retake = False
                     failpoint.hit("recovery.mid-replay")
@@ -221,12 +224,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     with journal.transaction():
         for op in ops:
             op()
+        journal.lease_events(events)
         journal.set_meta("boot_id", boot)
         journal.set_meta("last_token", str(last_token))
     report.duration_ms = (time.monotonic() - t0) * 1000
     return Outcome(table, report, last_token, to_fence)
-
-
-def _event(journal: Journal, event: str, lease: Lease, reason: str) -> Callable[[], None]:
-    fields = lease.event_fields()
-    return lambda: journal.event(event, reason=reason, **fields)

@@ -51,6 +51,9 @@ class Model:
     files: list[Path]
     # (owner uuid, path) -> (mode, token): acknowledged and not released
     leases: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    # (owner uuid, path) -> token of the lease it last released there: a repeated Release
+    # answers the same (idempotency), until the owner acquires it again
+    released: dict[tuple[str, str], int] = field(default_factory=dict)
     max_token: int = 0
     granted: int = 0
 
@@ -72,6 +75,8 @@ class Model:
     def drop_owner(self, owner: str) -> None:
         for key in [k for k in self.leases if k[0] == owner]:
             del self.leases[key]
+        for key in [k for k in self.released if k[0] == owner]:
+            del self.released[key]
 
 
 @dataclass
@@ -147,8 +152,8 @@ class Workload:
             )
             return
         except errors.NotHeld:
-            assert op.kind == "release" and key not in m.leases, (
-                f"unexpected NotHeld for {op}; model {m.leases}"
+            assert op.kind == "release" and key not in m.leases and key not in m.released, (
+                f"unexpected NotHeld for {op}; model {m.leases}, released {m.released}"
             )
             return
         if op.kind == "acquire":
@@ -165,12 +170,19 @@ class Workload:
             else:
                 assert token > m.max_token, f"token {token} not above {m.max_token}"
             m.leases[key] = (op.mode, token)
+            m.released.pop(key, None)
             m.max_token = max(m.max_token, token)
             m.granted += 1
         elif op.kind == "release":
-            assert key in m.leases, f"released {op} which the model does not hold"
-            assert reply["lease"]["token"] == m.leases[key][1], reply
-            del m.leases[key]
+            lease = reply["lease"]
+            if key in m.leases:
+                assert lease["token"] == m.leases[key][1], reply
+                m.released[key] = m.leases.pop(key)[1]
+            else:
+                # a repeat: the same answer as the release it repeats
+                assert key in m.released, f"released {op}, which the model never held"
+                assert lease["token"] == m.released[key], (reply, m.released[key])
+            assert lease["state"] == "released", lease
         else:
             mine = m.of(op.owner)
             got = {lease["resource"]: lease["token"] for lease in reply["leases"]}
@@ -178,7 +190,9 @@ class Workload:
                 assert path in mine and mine[path][1] == token, (got, mine)
             if not retry:
                 assert set(got) == set(mine), (got, mine)
-            m.drop_owner(op.owner)
+            for path, token in mine.items():
+                del m.leases[(op.owner, path)]
+                m.released[(op.owner, path)] = token[1]
 
 
 def possible_states(m: Model, op: Op | None) -> dict[str, set[str]]:
@@ -192,7 +206,7 @@ def possible_states(m: Model, op: Op | None) -> dict[str, set[str]]:
         keys = [(op.owner, op.path)]
     out: dict[str, set[str]] = {}
     for key in keys:
-        other = Model(m.files, dict(m.leases))
+        other = Model(m.files, dict(m.leases), dict(m.released))
         if op.kind == "acquire":
             if not m.busy(op.owner, op.path, op.mode):
                 other.leases[key] = (op.mode, 0)
@@ -295,6 +309,7 @@ def test_crash_at_failpoint(
             victim = ids[0]
             Owners.kill(procs[0])  # the daemon aborts while releasing its leases
             model.drop_owner(victim)
+            w.owner_ids = ids[1:]
         else:
             assert d.kill(signal.SIGKILL) == -signal.SIGKILL
             assert_all_free(model, "daemon killed")

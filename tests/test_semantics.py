@@ -89,9 +89,8 @@ def test_owner_by_pid(daemon: Daemon, owners: Owners, files: list[Path]) -> None
 def test_lock_held_outside_lockd_is_busy(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
     """virtlockd (or anyone) holding byte 0 excludes lockd: the kernel is the arbiter."""
     a = reg(daemon, owners)
-    with hold_lock(files[2]):
-        with pytest.raises(errors.ResourceBusy):
-            daemon.acquire(files[2], owner=a["uuid"])
+    with hold_lock(files[2]), pytest.raises(errors.ResourceBusy):
+        daemon.acquire(files[2], owner=a["uuid"])
     with hold_lock(files[3], exclusive=False):
         with pytest.raises(errors.ResourceBusy):
             daemon.acquire(files[3], owner=a["uuid"])
@@ -196,12 +195,11 @@ def test_fifo_is_refused_without_hanging(
     from e2e import Conn
 
     t0 = time.monotonic()
-    with Conn(daemon.socket, timeout=10) as c:
-        with pytest.raises(errors.InvalidResource):
-            c.call(
-                "io.lockd.Acquire",
-                {"resource": str(fifo), "owner": a, "mode": "shared" if shared else "exclusive"},
-            )
+    with Conn(daemon.socket, timeout=10) as c, pytest.raises(errors.InvalidResource):
+        c.call(
+            "io.lockd.Acquire",
+            {"resource": str(fifo), "owner": a, "mode": "shared" if shared else "exclusive"},
+        )
     assert time.monotonic() - t0 < 10
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     daemon.assert_alive()
