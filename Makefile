@@ -1,5 +1,5 @@
 # The two commands (README): `make run` and `make test`. Everything else has its own target.
-.PHONY: setup run test lint clean install
+.PHONY: setup run test lint clean install demo bench
 
 setup:
 	@sh scripts/setup.sh
@@ -11,10 +11,19 @@ run: setup
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# A private, real systemd with the project's units: lockd aborted, no lock ever free (~10 s).
+demo: setup
+	.venv/bin/python scripts/demo.py
+
 lint: setup
-	.venv/bin/ruff check lockd tests
-	.venv/bin/ruff format --check lockd tests
+	.venv/bin/ruff check lockd tests scripts bench torture
+	.venv/bin/ruff format --check lockd tests scripts bench torture
 	.venv/bin/mypy
+
+# Benchmarks (bench/README.md): ~10 minutes; BENCH_ARGS=--quick for ~1 minute. Results in
+# results/ (or $OUT). Speed is never asserted by `make test`.
+bench: setup
+	.venv/bin/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
