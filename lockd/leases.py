@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,3 +241,71 @@ class LeaseTable:
 
     def max_token(self) -> int:
         return max((lease.token for lease in self.leases()), default=0)
+
+
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def fdname_of(index: int) -> str:
+    """The index-th name in shortest-first order: 0..9A..z, then 00, 01, ..."""
+    length, span = 1, len(_ALPHABET)
+    while index >= span:
+        index -= span
+        length += 1
+        span = len(_ALPHABET) ** length
+    chars = []
+    for _ in range(length):
+        index, digit = divmod(index, len(_ALPHABET))
+        chars.append(_ALPHABET[digit])
+    return "".join(reversed(chars))
+
+
+def fdname_index(name: str) -> int | None:
+    if not name or any(c not in _ALPHABET for c in name):
+        return None
+    index = sum(int(len(_ALPHABET) ** n) for n in range(1, len(name)))
+    value = 0
+    for c in name:
+        value = value * len(_ALPHABET) + _ALPHABET.index(c)
+    return index + value
+
+
+class FdNames:
+    """Short, reusable FDNAMEs for stored lease fds, within the environment's size limit.
+
+    systemd hands stored fds back with all their names in one environment string,
+    ``LISTEN_FDNAMES=a:b:...``, and Linux caps one environment string at 128 KiB
+    (MAX_ARG_STRLEN): past it the restart fails to exec (203/EXEC) and, with
+    ``Restart=always``, loops forever. So names are the shortest free ones (1-3
+    characters, reused after release) and a lease that would push the names past the
+    budget is refused with LimitExceeded: about 33,000 leases fit under systemd's fd store.
+    """
+
+    # 128 KiB, less "LISTEN_FDNAMES=", the sockets' names and a margin
+    BUDGET = 128 * 1024 - 256
+
+    def __init__(self, in_use: list[str]) -> None:
+        self.used_bytes = sum(len(n) + 1 for n in in_use)
+        taken = {i for i in map(fdname_index, in_use) if i is not None}
+        self._next = max(taken, default=-1) + 1
+        self._free = [i for i in range(self._next) if i not in taken]
+        heapq.heapify(self._free)
+
+    def fits(self) -> bool:
+        """Whether one more name fits (the next name is at most 3 characters + ':')."""
+        return self.used_bytes + 4 <= self.BUDGET
+
+    def take(self) -> str:
+        if self._free:
+            index = heapq.heappop(self._free)
+        else:
+            index, self._next = self._next, self._next + 1
+        name = fdname_of(index)
+        self.used_bytes += len(name) + 1
+        return name
+
+    def give_back(self, name: str) -> None:
+        self.used_bytes -= len(name) + 1
+        index = fdname_index(name)
+        if index is not None:
+            heapq.heappush(self._free, index)

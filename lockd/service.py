@@ -48,7 +48,7 @@ from lockd.errors import (
     TokenMismatch,
 )
 from lockd.journal import Journal
-from lockd.leases import Event, Lease, LeaseTable, Owner, State
+from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
 from lockd.notify import FdStore
 
@@ -142,6 +142,7 @@ class LockService:
         self.fdstore = fdstore
         self.loop = loop
         self.lockspaces = Lockspaces(config.lockspaces)
+        self.fdnames = FdNames([lease.fdname for lease in table.leases()])
         # owner uuid -> queues of Watch subscribers
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
 
@@ -347,6 +348,12 @@ class LockService:
             raise LimitExceeded(limit="leases-per-owner", value=self.config.max_leases_per_owner)
         if self.table.count >= self.config.max_leases:
             raise LimitExceeded(limit="leases", value=self.config.max_leases)
+        if self.fdstore.enabled and not self.fdnames.fits():
+            raise LimitExceeded(
+                "systemd's fd store is full: LISTEN_FDNAMES would exceed 128 KiB",
+                limit="fd-store",
+                value=self.table.count,
+            )
         if token is not None:
             current = max(
                 [self.journal.resource_token(ls, rkey)]
@@ -372,24 +379,29 @@ class LockService:
             mode=mode,
             token=new_token,
             acquired_at=time.time(),
-            fdname=f"lease-{new_token}",
+            fdname=self.fdnames.take(),
             state=State.ACQUIRING,
             fd=locked.fd,
         )
         lease.settled = self.loop.create_future()
         self.table.add(lease)
-        self.fdstore.add(lease.fdname, locked.fd)
         row = lease.row()
 
         def insert() -> None:
             lease.id = self.journal.insert_lease(row)
 
         try:
+            self.fdstore.add(lease.fdname, locked.fd)
             await self.commit.submit(insert, self._event_op("acquire", lease))
-        except JournalError:
+        except BaseException as exc:
+            # not journaled (or not parked in the fd store): nothing was granted
             lease.apply(Event.FAILED)
             self._drop(lease)
             self._settle(lease)
+            if isinstance(exc, OSError) and not isinstance(exc, LockdError):
+                raise JournalError(
+                    f"the fd store refused the lease fd: {exc}", reason=str(exc)
+                ) from None
             raise
         lease.apply(Event.COMMITTED)
         self._settle(lease)
@@ -504,6 +516,7 @@ class LockService:
             ofd.unlock_and_close(lease.fd)
             lease.fd = None
         self.table.remove(lease)
+        self.fdnames.give_back(lease.fdname)
 
     @staticmethod
     def _settle(lease: Lease) -> None:
