@@ -13,8 +13,10 @@ file nor recovery grows with the number of operations ever done.
   (:meth:`Journal.transaction`, driven by the server's group commit) and replies only after
   ``COMMIT`` returned.
 - Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
-  :class:`~sqlite_utils.migrations.Migrations`; a journal carrying a migration this build
-  does not know was written by a newer lockd and is refused (never downgraded in place).
+  :class:`~sqlite_utils.migrations.Migrations` (imported only when one is pending: its
+  import alone costs more than recovering thousands of leases); a journal carrying a
+  migration this build does not know was written by a newer lockd and is refused (never
+  downgraded in place). Transactions are plain ``BEGIN``/``COMMIT`` on the connection.
 
 The fencing sequence is ``meta.last_token``: the server allocates tokens in memory and the
 batch that grants them stores the new maximum in the same transaction, so a token that was
@@ -32,9 +34,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
-
 from lockd.errors import JournalError
 
 MIGRATION_SET = "lockd"
@@ -50,9 +49,16 @@ def _migration_files() -> list[tuple[str, str]]:
     return [(n.removesuffix(".sql"), (schema / n).read_text()) for n in names]
 
 
-def _migrations() -> Migrations:
+def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
+    # sqlite-utils is imported only here: it costs ~0.1-0.25 s of start-up, which every
+    # restart after a crash would pay, and it is needed only when the schema changes.
+    import sqlite_utils
+    from sqlite_utils.migrations import Migrations
+
     migrations = Migrations(MIGRATION_SET)
     for name, sql in _migration_files():
+        if name not in pending:
+            continue
 
         def apply(db: sqlite_utils.Database, sql: str = sql) -> None:
             # executescript would COMMIT the migration's transaction; run statement by
@@ -63,7 +69,19 @@ def _migrations() -> Migrations:
                     db.execute(statement)
 
         migrations(name=name)(apply)
-    return migrations
+    migrations.apply(sqlite_utils.Database(conn))
+
+
+def _applied(conn: sqlite3.Connection) -> set[str]:
+    """Names of the migrations recorded in the journal (sqlite-utils' own table)."""
+    if not conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'"
+    ).fetchone():
+        return set()
+    rows = conn.execute(
+        "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATION_SET,)
+    )
+    return {str(r[0]) for r in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +139,6 @@ class Journal:
                 conn = sqlite3.connect(str(path))
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
-            self.db = sqlite_utils.Database(conn)
             self.conn = conn
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -133,23 +150,24 @@ class Journal:
             raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
 
     # -- schema -------------------------------------------------------------------------
-    def _check_known(self) -> None:
-        migrations = _migrations()
+    def _check_known(self) -> set[str]:
+        """The known migrations not yet applied; refuses a journal from a newer lockd."""
         known = {name for name, _ in _migration_files()}
-        applied = {m.name for m in migrations.applied(self.db)}
+        applied = _applied(self.conn)
         newer = sorted(applied - known)
         if newer:
             raise JournalUnreadable(
                 f"{self.path} was written by a newer lockd (schema {', '.join(newer)}); "
                 "refusing to use it"
             )
-        tables = set(self.db.table_names())
-        if tables and "meta" not in tables and not applied:
+        if not applied and self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise JournalUnreadable(f"{self.path} is an SQLite file, but not a lockd journal")
+        return known - applied
 
     def _migrate(self) -> None:
-        self._check_known()
-        _migrations().apply(self.db)
+        pending = self._check_known()
+        if pending:
+            _apply_migrations(self.conn, pending)
         if self.get_meta("created_at") is None:
             with self.transaction():
                 self.set_meta("created_at", str(time.time()))
@@ -159,9 +177,17 @@ class Journal:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One atomic batch; a failed commit (ENOSPC, EIO, ...) becomes JournalError."""
+        # Plain BEGIN/COMMIT on the connection (isolation_level None): the group commit's
+        # hot path, without sqlite-utils' atomic() generator and savepoint bookkeeping.
         try:
-            with self.db.atomic():
+            self.conn.execute("BEGIN")
+            try:
                 yield
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
             raise JournalError(f"journal write failed: {exc}", reason=str(exc)) from None
 

@@ -186,6 +186,12 @@ class Lease:
             "mode": self.mode,
         }
 
+    def as_event(self, event: str, reason: str | None, at: float) -> dict[str, Any]:
+        """An io.lockd Event about this lease, as Watch streams it."""
+        fields = self.event_fields()
+        del fields["rkey"]
+        return {"event": event, "at": at, **fields, "reason": reason}
+
     def wire(self) -> dict[str, Any]:
         return {
             "lockspace": self.lockspace,

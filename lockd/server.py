@@ -42,7 +42,7 @@ from lockd.errors import (
     PermissionDenied,
     ProtocolError,
 )
-from lockd.leases import Owner
+from lockd.leases import Owner, State
 from lockd.process import Peer
 from lockd.recovery import Report
 from lockd.service import MODES, LockService
@@ -327,12 +327,9 @@ class Server:
                 )
             )
             for lease in owner.leases.values():
-                if lease.state.value == "lost":
-                    conn.send(
-                        encode_reply(
-                            {"event": {"event": "lost", "at": time.time(), **lease.wire()}}, True
-                        )
-                    )
+                if lease.state == State.LOST:
+                    event = lease.as_event("lost", "taken while lockd was down", time.time())
+                    conn.send(encode_reply({"event": event}, True))
             while True:
                 get: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(q.get())
                 waiting: set[asyncio.Future[Any]] = {get, conn.closed}
@@ -360,7 +357,7 @@ class Server:
                 "journal": str(self.config.journal_path),
                 "started_at": self.started_at,
                 "leases": len(leases),
-                "lost": sum(1 for lease in leases if lease.state.value == "lost"),
+                "lost": sum(1 for lease in leases if lease.state == State.LOST),
                 "owners": len(table.owners),
                 "connections": len(self.connections),
                 "next_token": self.service.commit.last_token + 1,
@@ -400,7 +397,7 @@ class Server:
 
     def status_line(self) -> str:
         table = self.service.table
-        lost = sum(1 for lease in table.leases() if lease.state.value == "lost")
+        lost = sum(1 for lease in table.leases() if lease.state == State.LOST)
         return (
             f"{table.count} leases ({lost} lost), {len(table.owners)} owners, "
             f"{len(self.connections)} connections; last recovery: {self.report.summary()}"

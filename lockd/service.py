@@ -295,7 +295,14 @@ class LockService:
             extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "owner-dead"},
         )
         self.publish(
-            owner, {"event": "owner-dead", "owner": owner.uuid, "pid": owner.pid, "reason": reason}
+            owner,
+            {
+                "event": "owner-dead",
+                "at": time.time(),
+                "owner": owner.uuid,
+                "pid": owner.pid,
+                "reason": reason,
+            },
         )
 
     # -- acquire --------------------------------------------------------------------------
@@ -463,7 +470,7 @@ class LockService:
         failpoint.hit("release.after-close")
         self._settle(lease)
         if event != "release":
-            self.publish(lease.owner, {"event": event, **released_wire(lease), "reason": reason})
+            self.publish(lease.owner, lease.as_event(event, reason, time.time()))
 
     async def release_all(self, owner: Owner) -> list[dict[str, Any]]:
         leases = list(owner.leases.values())
@@ -572,4 +579,4 @@ class LockService:
     def publish(self, owner: Owner, event: dict[str, Any]) -> None:
         for q in self.watchers.get(owner.uuid, ()):
             if not q.full():  # a watcher that does not read loses events, not our memory
-                q.put_nowait({"at": time.time(), **event})
+                q.put_nowait(event)
