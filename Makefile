@@ -1,5 +1,5 @@
 # The two commands (README): `make run` and `make test`. Everything else has its own target.
-.PHONY: setup run test lint clean install demo bench
+.PHONY: setup run test lint clean install demo bench torture
 
 setup:
 	@sh scripts/setup.sh
@@ -24,6 +24,12 @@ lint: setup
 # results/ (or $OUT). Speed is never asserted by `make test`.
 bench: setup
 	.venv/bin/python -m bench $(BENCH_ARGS)
+
+# Crash torture (torture/__init__.py): 1,000 crash/restart cycles, each checked against the
+# clients' answers and the kernel's locks (~5 minutes). TORTURE_ARGS='--cycles N --seed S
+# --duration SECONDS ...'; exits 1 on any violation and keeps its work directory.
+torture: setup
+	.venv/bin/python -m torture $(TORTURE_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

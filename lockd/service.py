@@ -112,6 +112,24 @@ class GroupCommit:
                 fut.set_result(None)
 
 
+def _log_lease(template: str, lease: Lease, event: str) -> None:
+    # DEBUG: one record per grant would cost more than the grant; journald's fields make
+    # `journalctl LOCKD_RESOURCE=/path` work when the level is raised
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            template,
+            lease.mode,
+            lease.resource,
+            lease.token,
+            extra={
+                "LOCKD_RESOURCE": lease.resource,
+                "LOCKD_OWNER": lease.owner.uuid,
+                "LOCKD_TOKEN": lease.token,
+                "LOCKD_EVENT": event,
+            },
+        )
+
+
 def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
     """What Release answers: the same shape the first time and on every repeat."""
     if lease is not None:
@@ -412,6 +430,7 @@ class LockService:
             raise
         lease.apply(Event.COMMITTED)
         self._settle(lease)
+        _log_lease("acquired %s %s token %d", lease, "acquire")
         failpoint.hit("acquire.after-commit")
         return lease
 
@@ -469,6 +488,7 @@ class LockService:
         self._drop(lease)
         failpoint.hit("release.after-close")
         self._settle(lease)
+        _log_lease("released %s %s token %d", lease, event)
         if event != "release":
             self.publish(lease.owner, lease.as_event(event, reason, time.time()))
 

@@ -37,6 +37,9 @@ from typing import Any
 from lockd import errors
 
 REPO = Path(__file__).resolve().parent.parent
+# The tree whose daemon and lockctl run (their cwd, hence first on sys.path with -m); another
+# tree can be put under test, e.g. a mutated copy to check that these tests can fail.
+TREE = Path(os.environ.get("LOCKD_E2E_TREE", REPO))
 
 F_OFD_GETLK = 36
 F_OFD_SETLK = 37
@@ -385,7 +388,7 @@ class Daemon:
             log.flush()
             self.proc = subprocess.Popen(
                 self.argv(*extra),
-                cwd=REPO,
+                cwd=TREE,
                 env=self.env(failpoint),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -546,7 +549,7 @@ def lockctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKD_")}
     return subprocess.run(
         [sys.executable, "-m", "lockd.cli", *args],
-        cwd=REPO,
+        cwd=TREE,
         env=env,
         capture_output=True,
         text=True,
@@ -570,8 +573,12 @@ class Owners:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, ignore_term: bool = False) -> subprocess.Popen[bytes]:
-        if ignore_term:
+    def spawn(self, ignore_term: bool = False, uid: int | None = None) -> subprocess.Popen[bytes]:
+        if uid is not None:
+            p = subprocess.Popen(
+                ["sleep", "1000"], stdin=subprocess.DEVNULL, user=uid, group=uid, extra_groups=[]
+            )
+        elif ignore_term:
             p = subprocess.Popen(
                 [sys.executable, "-c", _IGNORE_TERM],
                 stdout=subprocess.PIPE,
@@ -658,3 +665,240 @@ def held_by_journal(leases: list[dict[str, Any]]) -> dict[str, str]:
 
 def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+# --- the wire contract: a small Varlink IDL reader and validator ------------------------------
+
+SCHEMA_DIR = REPO / "schema"
+
+
+class Interface:
+    """Types, methods and errors of one ``.varlink`` file (the subset lockd uses: scalars,
+    ``object``, ``?T``, ``[]T``, ``[string]T``, named and inline struct types, enums)."""
+
+    def __init__(self, text: str) -> None:
+        self.name = ""
+        self.types: dict[str, Any] = {}
+        self.methods: dict[str, tuple[Any, Any]] = {}
+        self.errors: dict[str, Any] = {}
+        self._toks = self._tokenize(text)
+        self._i = 0
+        self._parse()
+
+    @staticmethod
+    def _tokenize(text: str) -> list[str]:
+        import re
+
+        text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+        return re.findall(r"->|[A-Za-z_][A-Za-z0-9_.]*|[()\[\]?:,]", text)
+
+    def _next(self) -> str:
+        tok = self._toks[self._i]
+        self._i += 1
+        return tok
+
+    def _peek(self) -> str | None:
+        return self._toks[self._i] if self._i < len(self._toks) else None
+
+    def _expect(self, tok: str) -> None:
+        got = self._next()
+        assert got == tok, f"schema: expected {tok!r}, got {got!r}"
+
+    def _parse(self) -> None:
+        while self._peek() is not None:
+            kw = self._next()
+            if kw == "interface":
+                self.name = self._next()
+            elif kw == "type":
+                name = self._next()
+                self.types[name] = self._struct()
+            elif kw == "method":
+                name = self._next()
+                ins = self._struct()
+                self._expect("->")
+                self.methods[name] = (ins, self._struct())
+            elif kw == "error":
+                name = self._next()
+                self.errors[name] = self._struct()
+            else:
+                raise AssertionError(f"schema: unexpected {kw!r}")
+
+    def _struct(self) -> Any:
+        """``(a: T, ...)`` -> ("struct", {name: type}); ``(a, b)`` -> ("enum", [names])."""
+        self._expect("(")
+        fields: dict[str, Any] = {}
+        names: list[str] = []
+        while self._peek() != ")":
+            name = self._next()
+            if self._peek() == ":":
+                self._next()
+                fields[name] = self._type()
+            else:
+                names.append(name)
+            if self._peek() == ",":
+                self._next()
+        self._expect(")")
+        return ("enum", names) if names and not fields else ("struct", fields)
+
+    def _type(self) -> Any:
+        tok = self._peek()
+        if tok == "?":
+            self._next()
+            return ("maybe", self._type())
+        if tok == "[":
+            self._next()
+            if self._peek() == "]":
+                self._next()
+                return ("array", self._type())
+            self._expect("string")
+            self._expect("]")
+            return ("map", self._type())
+        if tok == "(":
+            return self._struct()
+        return ("name", self._next())
+
+
+def load_interfaces() -> dict[str, Interface]:
+    out = {}
+    for path in sorted(SCHEMA_DIR.glob("*.varlink")):
+        iface = Interface(path.read_text())
+        out[iface.name] = iface
+    return out
+
+
+def conforms(value: Any, typ: Any, iface: Interface, where: str = "$", strict: bool = True) -> None:
+    """AssertionError naming the first place where ``value`` is not of ``typ``. ``strict``:
+    fields the type does not declare are errors too."""
+    kind = typ[0]
+    if kind == "maybe":
+        if value is not None:
+            conforms(value, typ[1], iface, where, strict)
+        return
+    assert value is not None, f"{where}: null where {typ} is required"
+    if kind == "array":
+        assert isinstance(value, list), f"{where}: {value!r} is not an array"
+        for i, v in enumerate(value):
+            conforms(v, typ[1], iface, f"{where}[{i}]", strict)
+    elif kind == "map":
+        assert isinstance(value, dict), f"{where}: {value!r} is not a map"
+        for k, v in value.items():
+            conforms(v, typ[1], iface, f"{where}.{k}", strict)
+    elif kind == "enum":
+        assert value in typ[1], f"{where}: {value!r} not one of {typ[1]}"
+    elif kind == "struct":
+        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        for name, ftyp in typ[1].items():
+            if ftyp[0] != "maybe":
+                assert name in value, f"{where}: required field {name!r} missing in {value}"
+            conforms(value.get(name), ftyp, iface, f"{where}.{name}", strict)
+        if strict:
+            extra = set(value) - set(typ[1])
+            assert not extra, f"{where}: fields {sorted(extra)} are not in the schema"
+    else:
+        name = typ[1]
+        if name == "string":
+            assert isinstance(value, str), f"{where}: {value!r} is not a string"
+        elif name == "int":
+            assert isinstance(value, int) and not isinstance(value, bool), (
+                f"{where}: {value!r} is not an int"
+            )
+        elif name == "float":
+            assert isinstance(value, int | float) and not isinstance(value, bool), (
+                f"{where}: {value!r} is not a float"
+            )
+        elif name == "bool":
+            assert isinstance(value, bool), f"{where}: {value!r} is not a bool"
+        elif name == "object":
+            assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        else:
+            assert name in iface.types, f"schema: unknown type {name}"
+            conforms(value, iface.types[name], iface, where, strict)
+
+
+# --- freezing the daemon at its abort: the kernel's state *at* a failpoint ---------------------
+
+_TRACER = r"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+libc.ptrace.restype = ctypes.c_long
+PTRACE_CONT, PTRACE_SEIZE, WALL = 7, 0x4206, 0x40000000
+pid = int(sys.argv[1])
+if libc.ptrace(PTRACE_SEIZE, pid, None, None) != 0:
+    print("error", os.strerror(ctypes.get_errno()), flush=True)
+    sys.exit(1)
+print("attached", flush=True)
+caught = False
+while True:
+    try:
+        _, status = os.waitpid(pid, WALL)
+    except ChildProcessError:
+        break
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+    sig, event = os.WSTOPSIG(status), status >> 16
+    if event:  # a ptrace event stop (group-stop under SEIZE): resume, no signal
+        libc.ptrace(PTRACE_CONT, pid, None, None)
+        continue
+    if sig == signal.SIGABRT and not caught:
+        caught = True
+        print("abort", flush=True)  # the daemon sits in signal-delivery-stop, fds intact
+        sys.stdin.readline()
+    libc.ptrace(PTRACE_CONT, pid, None, ctypes.c_void_p(sig))
+print("exited", flush=True)
+"""
+
+
+class AbortCatcher:
+    """ptrace the daemon's main thread and hold it in signal-delivery-stop when it aborts.
+
+    ``os.abort()`` raises SIGABRT; under ptrace the signal stops the thread before it acts,
+    with every fd (every lock) still open and the journal as committed. The test can then
+    look at the kernel and the journal exactly at the failpoint, and :meth:`let_die` delivers
+    the signal (the daemon dies of SIGABRT as it would have).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _TRACER, str(pid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        assert line == "attached", f"ptrace attach failed: {line!r}"
+
+    def wait_abort(self, timeout: float = 15.0) -> bool:
+        assert self.proc.stdout is not None
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not r:
+            return False
+        return self.proc.stdout.readline().strip() == "abort"
+
+    def let_die(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+        self.proc.wait(30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.let_die()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def journal_leases(state_dir: Path) -> dict[tuple[str, str], tuple[str, int, str]]:
+    """(owner uuid, resource) -> (mode, token, state) as committed in the journal right now,
+    read with SQLite directly (read-only; the daemon may be running, stopped or dead)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute("SELECT owner, resource, mode, token, state FROM leases").fetchall()
+    finally:
+        db.close()
+    return {(o, r): (m, t, s) for o, r, m, t, s in rows}
