@@ -91,14 +91,17 @@ class Lockspaces:
             return resource
         return str(self.indirect[lockspace] / rkey)
 
-    def lock(self, lockspace: str, resource: str, rkey: str, exclusive: bool) -> Locked:
-        """Lock the resource's file; for direct resources the key is checked again after
-        opening (the path may now lead to another inode: then it is another resource)."""
-        path = self.lease_path(lockspace, resource, rkey)
+    def lock(
+        self, lockspace: str, resource: str, rkey: str, exclusive: bool, path: str | None = None
+    ) -> Locked:
+        """Lock the resource's file (``path``, default: where the resource leads now). For
+        direct resources the file must still be the inode the key names (the path may now
+        lead elsewhere: then it is another resource), checked before the lock is taken."""
+        path = path or self.lease_path(lockspace, resource, rkey)
         if lockspace != DIRECT:
             return ofd.lock_lease_file(path, exclusive, resource)
-        locked = ofd.lock_existing(path, exclusive)
-        if direct_key(locked.dev, locked.ino) != rkey:
-            ofd.unlock_and_close(locked.fd)
-            raise _invalid(resource, "the path was replaced by another file")
-        return locked
+        dev, _, ino = rkey.partition(":")
+        try:
+            return ofd.lock_existing(path, exclusive, (int(dev), int(ino)))
+        except InvalidResource as exc:
+            raise _invalid(resource, str(exc.parameters.get("reason", exc))) from None

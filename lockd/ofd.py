@@ -102,8 +102,12 @@ def _set(fd: int, exclusive: bool, resource: str) -> None:
         raise
 
 
-def lock_existing(path: str, exclusive: bool) -> Locked:
-    """Open an existing regular file or block device and lock byte 0 (direct lockspace)."""
+def lock_existing(path: str, exclusive: bool, inode: tuple[int, int] | None = None) -> Locked:
+    """Open an existing regular file or block device and lock byte 0 (direct lockspace).
+
+    With ``inode`` = (dev, ino), the opened file must be that one, checked *before* locking:
+    a path that now leads elsewhere must not get a lock, even for an instant.
+    """
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -122,6 +126,10 @@ def lock_existing(path: str, exclusive: bool) -> Locked:
                 f"{path}: replaced by something that is not a file while opening",
                 resource=path,
                 reason="not a regular file or block device",
+            )
+        if inode is not None and (st.st_dev, st.st_ino) != inode:
+            raise InvalidResource(
+                f"{path}: now another file", resource=path, reason="the path leads to another file"
             )
         _set(fd, exclusive, path)
     except BaseException:
@@ -167,6 +175,15 @@ def lock_lease_file(path: str, exclusive: bool, resource: str) -> Locked:
         resource=resource,
         mode="exclusive" if exclusive else "shared",
     )
+
+
+def real_path(fd: int) -> str | None:
+    """The path the kernel has for an open file (symlinks resolved), if it still has one."""
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return None if path.endswith(" (deleted)") else path
 
 
 def relock(fd: int, exclusive: bool, resource: str) -> None:

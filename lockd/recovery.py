@@ -167,7 +167,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                 stored[lease.fdname] = fd
             try:
                 locked = lockspaces.lock(
-                    lease.lockspace, lease.resource, lease.rkey, lease.exclusive
+                    lease.lockspace, lease.resource, lease.rkey, lease.exclusive, lease.path
                 )
             except (ResourceBusy, InvalidResource, PermissionDenied) as exc:
                 # (LimitExceeded, out of fds, is not a loss: it propagates and the daemon

@@ -161,6 +161,8 @@ class LockService:
         self.loop = loop
         self.lockspaces = Lockspaces(config.lockspaces)
         self.fdnames = FdNames([lease.fdname for lease in table.leases()])
+        # owner uuid -> done when its first registration is journaled
+        self._registering: dict[str, asyncio.Future[None]] = {}
         # owner uuid -> queues of Watch subscribers
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
 
@@ -216,7 +218,19 @@ class LockService:
                     f"owner {uuid} is registered to another process (pid {existing.pid})",
                     parameter="uuid",
                 )
-            return existing  # idempotent: name and fence of the first registration stay
+            pending = self._registering.get(uuid)
+            if pending is not None:  # its first registration is still being journaled
+                await asyncio.shield(pending)
+                return await self.register(pid, uuid, name, fence, peer)
+            changed = (name is not None and name != existing.name) or (
+                fence is not None and fence != existing.fence
+            )
+            if changed:  # re-registering may rename the owner or change its fence policy
+                existing.name = name if name is not None else existing.name
+                existing.fence = fence if fence is not None else existing.fence
+                row = existing.row()
+                await self.commit.submit(lambda: self.journal.put_owner(row))
+            return existing
         if by_pid is not None:
             raise InvalidParameter(
                 f"process {pid} is already registered as owner {by_pid.uuid}", parameter="pid"
@@ -237,6 +251,7 @@ class LockService:
             raise NoSuchOwner(f"process {pid} exited while registering", owner=str(pid))
         self.table.add_owner(owner)
         row = owner.row()
+        self._registering[uuid] = self.loop.create_future()
         try:
             await self.commit.submit(
                 lambda: self.journal.put_owner(row),
@@ -245,6 +260,9 @@ class LockService:
         except JournalError:
             self.forget_owner(owner)
             raise
+        finally:
+            done = self._registering.pop(uuid)
+            done.set_result(None)
         log.info(
             "registered owner %s pid %d",
             owner.name,
@@ -400,7 +418,10 @@ class LockService:
             lockspace=ls,
             rkey=rkey,
             resource=resource,
-            path=self.lockspaces.lease_path(ls, resource, rkey),
+            # the file that carries the lock, symlinks resolved: recovery locks it again there
+            # even if a symlink named in the request was retargeted meanwhile
+            path=(ofd.real_path(locked.fd) if ls == DIRECT else None)
+            or self.lockspaces.lease_path(ls, resource, rkey),
             mode=mode,
             token=new_token,
             acquired_at=time.time(),

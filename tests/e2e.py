@@ -6,7 +6,8 @@ checks what is held from *outside* the daemon, with :func:`probe`: ``F_OFD_GETLK
 file descriptor of the resource file in the test process. GETLK never takes a lock, so probing
 cannot disturb what it observes. Nothing here imports the daemon; the wire is spoken by
 :class:`Conn` (a deliberately small Varlink client of its own, so a bug in ``lockd.client``
-cannot hide a daemon bug), and only ``lockd.errors`` is shared, to raise the named errors.
+cannot hide a daemon bug); only ``lockd.errors`` (to raise the named errors) and
+``lockd.failpoint.POINTS`` (so no failpoint goes untested) are shared.
 
 Readiness follows systemd's protocol: the harness binds an ``AF_UNIX``/``SOCK_DGRAM`` socket,
 passes it as ``$NOTIFY_SOCKET`` and waits for a ``READY=1`` datagram whose ``SCM_CREDENTIALS``
@@ -189,6 +190,7 @@ class Conn:
             self.sock.close()
             raise
         self.buf = b""
+        self.before_eof: list[bytes] = []
 
     def close(self) -> None:
         self.sock.close()
@@ -241,7 +243,7 @@ class Conn:
     def closed_by_peer(self, timeout: float = 10.0) -> bool:
         """True if the peer closes the connection within ``timeout`` (messages before EOF are
         collected in ``self.before_eof``)."""
-        self.before_eof: list[bytes] = []
+        self.before_eof = []
         deadline = time.monotonic() + timeout
         self.sock.settimeout(0.2)
         while time.monotonic() < deadline:

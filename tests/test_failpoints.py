@@ -216,15 +216,21 @@ def possible_states(m: Model, op: Op | None) -> dict[str, set[str]]:
     return out
 
 
-def check_state(d: Daemon, m: Model, ambiguous: dict[str, set[str]] | None = None) -> None:
-    """Kernel vs model, and lockctl vs kernel and model. Files in ``ambiguous`` may be in any
-    of the states given, but lockctl must still agree with the kernel on them."""
+def check_state(
+    d: Daemon,
+    m: Model,
+    ambiguous: dict[str, set[str]] | None = None,
+    lockctl: bool = False,
+) -> None:
+    """Kernel vs model, and the daemon's list (``lockctl locks -J`` if ``lockctl``, else
+    ListLeases, which is what lockctl shows) vs kernel and model. Files in ``ambiguous`` may
+    be in any of the states given, but the list must still agree with the kernel on them."""
     ambiguous = ambiguous or {}
     kernel = {str(f): probe(f) for f in m.files}
     for path, state in kernel.items():
         allowed = ambiguous.get(path, {m.state(path)})
         assert state in allowed, f"{path}: kernel {state}, model {allowed}"
-    listed = d.lockctl_json("locks")["leases"]
+    listed = d.lockctl_json("locks")["leases"] if lockctl else d.leases()
     assert not [x for x in listed if x["state"] == "lost"], listed
     by_journal = held_by_journal(listed)
     for path, state in kernel.items():
@@ -327,7 +333,7 @@ def test_crash_at_failpoint(
     check_state(d, model, possible_states(model, inflight))
     if inflight is not None:
         w.run(inflight, retry=True)
-    check_state(d, model)
+    check_state(d, model, lockctl=True)
     if victim is not None:
         events = [e for e in d.history(limit=1000) if e["event"] == "owner-dead"]
         assert any(e.get("owner") == victim for e in events), events
@@ -342,4 +348,4 @@ def test_crash_at_failpoint(
             w.run(Op("release-all", owner))
     w.drop_connection()
     assert_all_free(model, "after ReleaseAll of every owner")
-    assert [x for x in d.lockctl_json("locks")["leases"] if x["state"] == "held"] == []
+    assert [x for x in d.leases() if x["state"] == "held"] == []

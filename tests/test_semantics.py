@@ -388,3 +388,85 @@ def test_getinfo_and_interfaces_on_the_right_sockets(daemon: Daemon) -> None:
         st = os.stat(s)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) & 0o007 == 0, f"{s} is world-accessible"
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def _send(c, method: str, params: dict) -> None:
+    import json
+
+    c.send_raw(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
+
+
+def test_concurrent_acquires(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+    """Requests that arrive together (group commit) behave as if run one by one."""
+    a = reg(daemon, owners)["uuid"]
+    # the same owner, the same file, ten connections at once: one lease, one token
+    conns = [daemon.connect() for _ in range(10)]
+    for c in conns:
+        _send(c, "io.lockd.Acquire", {"resource": str(files[0]), "owner": a})
+    replies = [c.recv_message() for c in conns]
+    assert all("error" not in r for r in replies), replies
+    assert len({r["parameters"]["lease"]["token"] for r in replies}) == 1
+    for c in conns:
+        c.close()
+    # eight owners race for one file: exactly one wins
+    others = [reg(daemon, owners)["uuid"] for _ in range(8)]
+    conns = [daemon.connect() for _ in others]
+    for c, o in zip(conns, others, strict=True):
+        _send(c, "io.lockd.Acquire", {"resource": str(files[1]), "owner": o})
+    replies = [c.recv_message() for c in conns]
+    winners = [r for r in replies if "error" not in r]
+    assert len(winners) == 1, replies
+    assert {r["error"] for r in replies if "error" in r} == {"io.lockd.ResourceBusy"}
+    for c in conns:
+        c.close()
+    assert probe(files[1]) == "exclusive"
+    # acquire, release, acquire, pipelined on one connection: answered in order, in effect
+    with daemon.connect() as c:
+        for method in ("Acquire", "Release", "Acquire"):
+            _send(c, f"io.lockd.{method}", {"resource": str(files[2]), "owner": a})
+        r1, r2, r3 = (c.recv_message() for _ in range(3))
+    assert r1["parameters"]["lease"]["token"] == r2["parameters"]["lease"]["token"]
+    assert r3["parameters"]["lease"]["token"] > r1["parameters"]["lease"]["token"]
+    assert probe(files[2]) == "exclusive"
+    held = {(x["owner"]["uuid"], x["resource"]) for x in daemon.leases() if x["state"] == "held"}
+    assert (a, str(files[2])) in held and (a, str(files[0])) in held
+
+
+def test_release_after_file_deleted_or_renamed(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    """A lease is released by the name it was taken with, even if that name is gone."""
+    a = reg(daemon, owners)["uuid"]
+    daemon.acquire(files[0], owner=a)
+    daemon.acquire(files[1], owner=a)
+    os.unlink(files[0])
+    moved = files[1].parent / "moved.img"
+    os.rename(files[1], moved)
+    assert daemon.release(files[0], owner=a)["state"] == "released"
+    assert daemon.release(files[1], owner=a)["state"] == "released"
+    assert probe(moved) == "free"
+    assert [x for x in daemon.leases() if x["state"] == "held"] == []
+
+
+def test_register_cannot_take_over_another_owner(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    """A uuid names one process: another process cannot register under it (and so inherit
+    its leases), nor can a registered process switch to another uuid."""
+    pa, pb = owners.spawn(), owners.spawn()
+    a = daemon.register(pa.pid, uuid="11111111-1111-4111-8111-111111111111")
+    daemon.acquire(files[0], owner=a["uuid"])
+    with pytest.raises((errors.InvalidParameter, errors.PermissionDenied)):
+        daemon.register(pb.pid, uuid=a["uuid"])
+    with pytest.raises((errors.InvalidParameter, errors.PermissionDenied)):
+        daemon.register(pa.pid, uuid="22222222-2222-4222-8222-222222222222")
+    with pytest.raises(errors.InvalidParameter):
+        daemon.register(pb.pid, uuid="not-a-uuid")
+    assert daemon.register(pa.pid)["uuid"] == a["uuid"]
+    with pytest.raises(errors.NoSuchOwner):
+        daemon.inquire(pid=pb.pid)
+    assert [o["uuid"] for o in daemon.owners()] == [a["uuid"]]
+    assert probe(files[0]) == "exclusive"

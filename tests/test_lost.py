@@ -1,0 +1,137 @@
+"""Lost leases are never silent (issue item 4, DESIGN §3 and §5.4).
+
+A lease is lost when someone else takes its resource while lockd is down (here: the test
+process holds an OFD lock on it across the restart). Then the owner's fence policy runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from e2e import Daemon, Owners, hold_lock, probe
+
+from lockd import errors
+
+
+def wait_exit(p, timeout: float = 15.0) -> int:
+    return p.wait(timeout)
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "shared"])
+def test_lost_lease_fence_kill(
+    daemon: Daemon, owners: Owners, files: list[Path], mode: str
+) -> None:
+    owner, bystander = owners.spawn(), owners.spawn()
+    o = daemon.register(owner.pid, name="vm-lost")  # default fence policy: kill
+    assert o["fence"] == "kill"
+    b = daemon.register(bystander.pid, name="bystander", fence="kill")
+    lease = daemon.acquire(files[0], owner=o["uuid"], shared=(mode == "shared"))
+    daemon.acquire(files[1], owner=o["uuid"])
+    daemon.acquire(files[2], owner=b["uuid"])
+    daemon.kill()
+    with hold_lock(files[0]):  # taken in the gap, exclusively
+        daemon.start()
+        assert wait_exit(owner) == -signal.SIGKILL, "the owner of a lost lease must be killed"
+        # its other lease goes with it (owner death), the bystander is untouched
+        deadline = time.monotonic() + 5
+        while probe(files[1]) != "free":
+            assert time.monotonic() < deadline, "dead owner's lease still held"
+            time.sleep(0.005)
+        assert bystander.poll() is None
+        assert probe(files[2]) == "exclusive"
+        assert probe(files[0]) == "exclusive"  # ours
+        events = daemon.history(limit=200)
+        lost = [e for e in events if e["event"] == "lost"]
+        assert [(e["resource"], e["owner"], e["token"]) for e in lost] == [
+            (str(files[0]), o["uuid"], lease["token"])
+        ], events
+        assert daemon.status()["recovery"]["lost"] == 1
+    # lockd did not grab it after we let go
+    time.sleep(0.1)
+    assert probe(files[0]) == "free"
+
+
+def test_lost_lease_fence_none(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+    owner = owners.spawn()
+    o = daemon.register(owner.pid, name="vm-report-only", fence="none")
+    u = o["uuid"]
+    lost_lease = daemon.acquire(files[0], owner=u)
+    daemon.acquire(files[1], owner=u, shared=True)
+    daemon.kill()
+    with hold_lock(files[0]):
+        daemon.start()
+        time.sleep(0.3)
+        assert owner.poll() is None, "fence policy none must leave the owner alone"
+        assert probe(files[1]) == "shared"  # re-taken
+        # lockctl shows it as lost
+        listed = {x["resource"]: x for x in daemon.lockctl_json("locks")["leases"]}
+        assert listed[str(files[0])]["state"] == "lost"
+        assert listed[str(files[0])]["token"] == lost_lease["token"]
+        assert listed[str(files[1])]["state"] == "held"
+        # the owner's client sees it
+        inq = daemon.inquire(owner=u)
+        states = {x["resource"]: x["state"] for x in inq["leases"]}
+        assert states == {str(files[0]): "lost", str(files[1]): "held"}
+        # it cannot be acquired again before it is acknowledged
+        with pytest.raises(errors.LeaseLost) as ei:
+            daemon.acquire(files[0], owner=u)
+        assert ei.value.parameters.get("token") == lost_lease["token"]
+        out = daemon.lockctl("acquire", str(files[0]), "--pid", str(owner.pid))
+        assert out.returncode == 6, (out.returncode, out.stdout, out.stderr)
+        assert any(
+            e["event"] == "lost" and e["resource"] == str(files[0])
+            for e in daemon.history(limit=100)
+        )
+        # releasing acknowledges it
+        ack = daemon.release(files[0], owner=u)
+        assert ack["token"] == lost_lease["token"]
+        assert probe(files[0]) == "exclusive"  # still ours: lockd never held it again
+        listed = daemon.lockctl_json("locks")["leases"]
+        assert [x["resource"] for x in listed if x["state"] in ("held", "lost")] == [str(files[1])]
+        # repeating the acknowledgement gives the same answer
+        assert daemon.release(files[0], owner=u)["token"] == lost_lease["token"]
+    assert probe(files[0]) == "free"
+    again = daemon.acquire(files[0], owner=u)
+    assert again["token"] > lost_lease["token"]
+    assert probe(files[0]) == "exclusive"
+    assert owner.poll() is None
+
+
+def test_lost_lease_fence_term(make_daemon, owners: Owners, files: list[Path]) -> None:
+    """term: SIGTERM, then SIGKILL after fence_grace if the owner ignores it."""
+    d = make_daemon(config="fence_grace = 0.5\n")
+    polite, stubborn = owners.spawn(), owners.spawn(ignore_term=True)
+    p = d.register(polite.pid, fence="term")["uuid"]
+    s = d.register(stubborn.pid, fence="term")["uuid"]
+    d.acquire(files[0], owner=p)
+    d.acquire(files[1], owner=s)
+    d.kill()
+    with hold_lock(files[0]), hold_lock(files[1]):
+        d.start()
+        assert wait_exit(polite) == -signal.SIGTERM
+        assert wait_exit(stubborn) == -signal.SIGKILL
+    assert {e["resource"] for e in d.history(limit=100) if e["event"] == "lost"} == {
+        str(files[0]),
+        str(files[1]),
+    }
+
+
+def test_lost_default_fence_from_config(make_daemon, owners: Owners, files: list[Path]) -> None:
+    """default_fence in the config applies to owners registered without a policy."""
+    d = make_daemon(config='default_fence = "none"\n')
+    owner = owners.spawn()
+    o = d.register(owner.pid)
+    assert o["fence"] == "none"
+    d.acquire(files[0], owner=o["uuid"])
+    d.kill()
+    with hold_lock(files[0]):
+        d.start()
+        time.sleep(0.3)
+        assert owner.poll() is None
+        out = d.lockctl("locks", "-J")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["leases"][0]["state"] == "lost"

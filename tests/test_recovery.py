@@ -1,0 +1,181 @@
+"""Start-up: one daemon per state directory, journals from another boot, clean and unclean
+restarts (issue item 5, DESIGN §4.3 and §5)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from e2e import TREE, Conn, Daemon, Owners, probe, probe_setlk_elsewhere
+
+
+@pytest.mark.parametrize("sockets", ["same-sockets", "other-sockets"])
+def test_second_daemon_on_same_state_dir_is_refused(
+    daemon: Daemon, owners: Owners, files: list[Path], runtime_dir: Path, sockets: str
+) -> None:
+    o = daemon.register(owners.spawn().pid)["uuid"]
+    daemon.acquire(files[0], owner=o)
+    daemon.acquire(files[1], owner=o, shared=True)
+    argv = daemon.argv()
+    if sockets == "other-sockets":
+        argv[argv.index("--socket") + 1] = str(runtime_dir / "second.sock")
+        argv[argv.index("--admin-socket") + 1] = str(runtime_dir / "second-admin.sock")
+    second = subprocess.run(
+        argv,
+        cwd=TREE,
+        env=daemon.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 3, (second.returncode, second.stderr)
+    assert str(daemon.pid) in second.stderr, f"message must name pid {daemon.pid}: {second.stderr}"
+    assert str(daemon.state_dir) in second.stderr or "state" in second.stderr.lower()
+    # the first one is untouched: its locks, its sockets, its journal
+    assert daemon.running
+    assert probe(files[0]) == "exclusive"
+    assert probe(files[1]) == "shared"
+    assert probe_setlk_elsewhere(files[0]) == "held"
+    with Conn(daemon.admin_socket) as c:
+        assert c.call("io.lockd.Admin.Status")["status"]["pid"] == daemon.pid
+    with Conn(daemon.socket) as c:
+        assert c.call("io.lockd.Inquire", {"owner": o})["leases"][0]["state"] == "held"
+    assert daemon.acquire(files[2], owner=o)["state"] == "held"
+
+
+def _set_boot_id(journal: Path, value: str) -> None:
+    db = sqlite3.connect(journal)
+    try:
+        with db:
+            n = db.execute("UPDATE meta SET value = ? WHERE key = 'boot_id'", (value,)).rowcount
+        assert n == 1, "meta has no boot_id row"
+    finally:
+        db.close()
+
+
+def test_journal_from_another_boot_is_not_replayed(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    owner = owners.spawn()
+    o = daemon.register(owner.pid)["uuid"]
+    tokens = [daemon.acquire(f, owner=o)["token"] for f in files[:3]]
+    daemon.acquire(files[3], owner=o, shared=True)
+    daemon.kill()
+    journal = daemon.state_dir / "journal.sqlite"
+    assert journal.exists()
+    _set_boot_id(journal, str(uuid.uuid4()))
+    daemon.start()
+    assert {probe(f) for f in files} == {"free"}
+    assert [x for x in daemon.leases() if x["state"] in ("held", "lost")] == []
+    events = daemon.history(limit=200)
+    rebooted = [e for e in events if e["event"] == "host-rebooted"]
+    assert rebooted, events
+    assert daemon.status()["recovery"]["host_rebooted"] == 4
+    assert not [e for e in events if e["event"] in ("retaken", "lost")]
+    assert owner.poll() is None, "no fencing for a journal from another boot"
+    # the journal now carries this boot's id, and tokens still never go back
+    db = sqlite3.connect(journal)
+    try:
+        (boot,) = db.execute("SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
+    finally:
+        db.close()
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    o2 = daemon.register(owner.pid)["uuid"]
+    assert daemon.acquire(files[0], owner=o2)["token"] > max(tokens)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_restart_retakes_leases(
+    daemon: Daemon, owners: Owners, files: list[Path], how: str
+) -> None:
+    """Without systemd's fd store the leases are re-taken at start, with a gap."""
+    o = daemon.register(owners.spawn().pid)["uuid"]
+    ex = daemon.acquire(files[0], owner=o)
+    sh = daemon.acquire(files[1], owner=o, shared=True)
+    if how == "SIGTERM":
+        daemon.stop()
+    else:
+        assert daemon.kill(signal.SIGKILL) == -signal.SIGKILL
+    assert probe(files[0]) == probe(files[1]) == "free"  # nobody holds them in the gap
+    daemon.start()
+    assert probe(files[0]) == "exclusive"
+    assert probe(files[1]) == "shared"
+    leases = {x["resource"]: x for x in daemon.leases()}
+    assert leases[str(files[0])]["token"] == ex["token"]
+    assert leases[str(files[1])]["token"] == sh["token"]
+    assert {x["continuity"] for x in leases.values()} == {"retaken"}
+    rec = daemon.status()["recovery"]
+    assert (rec["retaken"], rec["lost"], rec["released"]) == (2, 0, 0)
+    assert {e["resource"] for e in daemon.history(limit=50) if e["event"] == "retaken"} >= {
+        str(files[0]),
+        str(files[1]),
+    }
+
+
+def test_recovery_waits_in_backlog(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+    """A client that connects before READY=1 is answered after recovery, never with a
+    half-recovered table (DESIGN §5.6)."""
+    o = daemon.register(owners.spawn().pid)["uuid"]
+    for f in files[:4]:
+        daemon.acquire(f, owner=o)
+    daemon.kill()
+    daemon.spawn()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            c = Conn(daemon.socket, timeout=15)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    with c:
+        leases = c.call("io.lockd.Inquire", {"owner": o})["leases"]
+    assert sorted(x["resource"] for x in leases) == sorted(str(f) for f in files[:4])
+    assert {x["state"] for x in leases} == {"held"}
+    daemon.wait_ready()
+    assert {probe(f) for f in files[:4]} == {"exclusive"}
+
+
+def test_state_dir_files(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+    """The journal is SQLite in WAL mode in the state directory."""
+    o = daemon.register(owners.spawn().pid)["uuid"]
+    daemon.acquire(files[0], owner=o)
+    journal = daemon.state_dir / "journal.sqlite"
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "meta" in tables
+    finally:
+        db.close()
+    assert os.stat(daemon.state_dir).st_mode & 0o002 == 0
+
+
+def test_symlink_retargeted_while_down(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+    """A lease taken through a symlink is a lease on the file it led to (one inode, one
+    resource; Lease.path is "the file that carries the kernel lock"). If the symlink is
+    pointed elsewhere while lockd is down, recovery locks that same file again: it must
+    neither lock the symlink's new target nor declare the lease lost (and fence the owner)
+    while the locked file is intact and free."""
+    owner = owners.spawn()
+    o = daemon.register(owner.pid)["uuid"]  # fence kill: a wrong "lost" kills the VM
+    link = files[0].parent / "vm-disk.img"
+    os.symlink(files[0], link)
+    lease = daemon.acquire(link, owner=o)
+    assert os.path.realpath(lease["path"]) == str(files[0])
+    daemon.kill()
+    os.unlink(link)
+    os.symlink(files[1], link)
+    daemon.start()
+    time.sleep(0.2)
+    assert probe(files[1]) == "free", "recovery locked the symlink's new target"
+    assert owner.poll() is None, "owner fenced although its file was intact"
+    assert probe(files[0]) == "exclusive"
+    [x] = daemon.leases()
+    assert x["state"] == "held" and x["token"] == lease["token"], x
