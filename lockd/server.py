@@ -73,7 +73,8 @@ class Connection(asyncio.Protocol):
         self.worker: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = server.loop.create_future()
         self.peer = Peer(-1, -1, frozenset())
-        self._write_paused = False
+        # set while the peer does not read its replies (transport above its high-water mark)
+        self._writable: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,29 +103,40 @@ class Connection(asyncio.Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            messages = self.decoder.feed(data)
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        self.queue.extend(messages)
+        self._decode(data)
         if self.worker is None and self.queue:
             self.worker = self.server.loop.create_task(self._work())
         self._flow()
 
+    def _decode(self, data: bytes) -> None:
+        # Decode only up to the queue's bound: a single read may carry thousands of small
+        # calls, and their replies must not pile up in memory for a peer that does not read.
+        room = max(0, MAX_QUEUED_CALLS - len(self.queue))
+        try:
+            self.queue.extend(self.decoder.feed(data, limit=room))
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.queue.clear()
+        self._wake_writer()
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        if self._writable is None:
+            self._writable = self.server.loop.create_future()
         self._flow()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._wake_writer()
         self._flow()
+
+    def _wake_writer(self) -> None:
+        fut, self._writable = self._writable, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     # -- internals ------------------------------------------------------------------------
     def _flow(self) -> None:
@@ -132,7 +144,7 @@ class Connection(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        if self._write_paused or len(self.queue) >= MAX_QUEUED_CALLS:
+        if self._writable is not None or len(self.queue) >= MAX_QUEUED_CALLS:
             if t.is_reading():
                 t.pause_reading()
         elif not t.is_reading():
@@ -156,7 +168,18 @@ class Connection(asyncio.Protocol):
 
     async def _work(self) -> None:
         try:
-            while self.queue:
+            while not self.closed.done():  # calls still queued from a closed peer are dropped
+                if not self.queue:
+                    self._decode(b"")  # calls left buffered in the decoder
+                    if not self.queue:
+                        break
+                    # a handler that never awaits never yields: let other peers in between
+                    # batches of pipelined calls
+                    await asyncio.sleep(0)
+                if self._writable is not None:
+                    # the peer is not reading: answer nothing more until it does
+                    await self._writable
+                    continue
                 msg = self.queue.popleft()
                 self._flow()
                 await self._handle(msg)

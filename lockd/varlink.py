@@ -67,28 +67,33 @@ class Decoder:
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.max_message = max_message
         self._buf = bytearray()
+        self._scanned = 0  # bytes at the start of _buf known to hold no NUL
         self._broken: ProtocolError | None = None
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes, limit: int | None = None) -> list[dict[str, Any]]:
+        """Append ``data``; return the complete messages, at most ``limit`` of them (the
+        rest stay buffered for the next call, which may pass ``b""``)."""
         if self._broken is not None:
             raise self._broken
         # Search for NUL only in what is new: a large message arriving in many small reads
         # would otherwise be rescanned from its start on every read (quadratic).
-        scan = len(self._buf)
+        scan = self._scanned
         self._buf += data
         out: list[dict[str, Any]] = []
         try:
             start = 0
-            while True:
+            while limit is None or len(out) < limit:
                 end = self._buf.find(0, scan)
                 if end < 0:
+                    scan = len(self._buf)
                     break
                 if end - start > self.max_message:
                     raise self._too_big()
                 out.append(loads(bytes(self._buf[start:end])))
                 start = scan = end + 1
             del self._buf[:start]
-            if len(self._buf) > self.max_message:
+            self._scanned = scan - start
+            if self._scanned > self.max_message:  # no NUL in sight: one message too long
                 raise self._too_big()
         except ProtocolError as exc:
             self._broken = exc
