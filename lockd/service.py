@@ -298,13 +298,16 @@ class LockService:
     async def owner_died(self, owner: Owner, reason: str) -> None:
         """Release every lease of a dead owner (commit first, then drop the kernel locks)."""
         self.forget_owner(owner)  # no new request can name it from here on
-        for lease in list(owner.leases.values()):
-            while lease.settled is not None:
-                await asyncio.shield(lease.settled)
-        leases = [lease for lease in owner.leases.values() if lease.state != State.RELEASED]
-        failpoint.hit("owner-death.before-commit")
+        # Requests that named the owner before it died may still be in flight (a ReleaseAll
+        # racing the death): wait until none is, then claim every lease in one step, with no
+        # await in between, so that a late request waits for this release instead.
+        while pending := [lease.settled for lease in owner.leases.values() if lease.settled]:
+            await asyncio.wait([asyncio.shield(fut) for fut in pending])
+        leases = list(owner.leases.values())
         for lease in leases:
             lease.apply(Event.RELEASE)
+            lease.settled = self.loop.create_future()
+        failpoint.hit("owner-death.before-commit")
         ops: list[Callable[[], None]] = [lambda: self.journal.delete_owner(owner.uuid)]
         for lease in leases:
             ops.append(self._event_op("owner-dead", lease, reason))
@@ -323,6 +326,7 @@ class LockService:
         for lease in leases:
             lease.apply(Event.COMMITTED)
             self._drop(lease)
+            self._settle(lease)
         log.info(
             "owner %s pid %d died: released %d leases",
             owner.name,
