@@ -96,7 +96,7 @@ class Config:
     fence_grace: float = 10.0
     # SQLite PRAGMA synchronous; NORMAL is enough for process crashes in WAL (DESIGN §4.3)
     synchronous: str = "NORMAL"
-    # history events kept (older ones are deleted at start-up and every retention_check ops)
+    # history events kept (older ones are deleted in small batches, every second, after READY)
     history_retention: int = 100_000
     max_message: int = 64 * 1024
     max_connections: int = 4096

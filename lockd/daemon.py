@@ -181,7 +181,6 @@ class Daemon:
         lockspaces = Lockspaces(self.config.lockspaces)
         stored = dict(inherited.leases)
         try:
-            journal.prune(self.config.history_retention)
             outcome = recover(journal, lockspaces, stored)
         except JournalError as exc:  # ENOSPC, EIO: nothing can be granted; say so and stop
             raise Fatal(f"cannot write the journal {self.config.journal_path}: {exc}") from None
@@ -226,7 +225,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self.request_reexec)
         timers = [
             # history is bounded (DESIGN §4.5): prune it now and then, not on the hot path
-            Ticker(loop, 60.0, functools.partial(journal.prune, self.config.history_retention)),
+            Ticker(loop, 1.0, functools.partial(journal.prune, self.config.history_retention)),
             Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}")),
         ]
         interval = notify.watchdog_interval()

@@ -63,10 +63,13 @@ def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
         def apply(db: sqlite_utils.Database, sql: str = sql) -> None:
             # executescript would COMMIT the migration's transaction; run statement by
             # statement instead so the migration and its record commit together.
-            code = "\n".join(ln for ln in sql.splitlines() if not ln.lstrip().startswith("--"))
-            for statement in code.split(";"):
-                if statement.strip():
+            statement = ""
+            for line in sql.splitlines(keepends=True):
+                statement += line
+                # complete_statement knows comments and strings: a ';' in them ends nothing
+                if sqlite3.complete_statement(statement):
                     db.execute(statement)
+                    statement = ""
 
         migrations(name=name)(apply)
     migrations.apply(sqlite_utils.Database(conn))
@@ -143,6 +146,8 @@ class Journal:
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")
+                # a checkpoint resets the WAL; without a limit it keeps its largest size
+                conn.execute("PRAGMA journal_size_limit=8388608")
                 self._migrate()
             else:
                 self._check_known()
@@ -346,13 +351,18 @@ class Journal:
         rows.reverse()
         return rows
 
-    def prune(self, retention: int) -> int:
-        """Keep the newest ``retention`` events; forget last tokens nobody can still hold."""
+    def prune(self, retention: int, batch: int = 5000) -> int:
+        """Delete at most ``batch`` of the events beyond the newest ``retention``, and the
+        last tokens nobody can still hold. Small batches: this runs on the event loop, and a
+        large DELETE would stall every client (and grow the WAL) for as long as it takes."""
         with self.transaction():
             cur = self.conn.execute(
-                "DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?",
-                (retention,),
+                "DELETE FROM events WHERE seq <= min((SELECT max(seq) FROM events) - ?,"
+                " (SELECT min(seq) FROM events) + ? - 1)",
+                (retention, batch),
             )
+            if not cur.rowcount:
+                return 0
             self.conn.execute(
                 "DELETE FROM resources WHERE updated_at < (SELECT min(at) FROM events)"
                 " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.lockspace ="

@@ -18,9 +18,14 @@ the daemon runs the same code in a terminal, in tests and under systemd.
 
 from __future__ import annotations
 
+import array
+import logging
 import os
+import socket
 
 import systemd.daemon as sd_daemon
+
+log = logging.getLogger("lockd")
 
 # FileDescriptorName= of the two socket units
 MAIN_SOCKET_NAME = "lockd"
@@ -31,9 +36,42 @@ def under_systemd() -> bool:
     return bool(os.environ.get("NOTIFY_SOCKET"))
 
 
+class _Notifier:
+    """sd_notify(3) on one non-blocking datagram socket.
+
+    systemd-python's notify() blocks when the receiver's queue is full
+    (net.unix.max_dgram_qlen, 10 by default): a supervisor that stops reading would freeze
+    the event loop. Here a full queue is EAGAIN at once: a STATUS or WATCHDOG message is
+    then dropped (the next one follows shortly), and an FDSTORE is refused to the caller,
+    which refuses the acquire rather than grant a lease that is not parked.
+    """
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.address = ""
+
+    def send(self, message: str, fds: list[int] | None = None) -> None:
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        if not address:
+            return
+        if self.sock is None or address != self.address:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.address = address
+        # "@name" is an abstract socket (sd_notify(3))
+        target = "\0" + address[1:] if address.startswith("@") else address
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([message.encode()], ancillary, socket.MSG_DONTWAIT, target)
+
+
+_notifier = _Notifier()
+
+
 def notify(message: str) -> None:
-    if under_systemd():
-        sd_daemon.notify(message)
+    """A best-effort state message (READY, STATUS, WATCHDOG, STOPPING)."""
+    try:
+        _notifier.send(message)
+    except OSError as exc:
+        log.debug("sd_notify dropped %r: %s", message.split("=", 1)[0], exc)
 
 
 def listen_fds() -> dict[str, int]:
@@ -70,9 +108,17 @@ class FdStore:
         self.enabled = enabled and under_systemd()
 
     def add(self, name: str, fd: int) -> None:
+        """Park fd in the store; OSError (EAGAIN: systemd is not reading) if it was not."""
         if self.enabled:
-            sd_daemon.notify(f"FDSTORE=1\nFDNAME={name}", fds=[fd])
+            _notifier.send(f"FDSTORE=1\nFDNAME={name}", [fd])
 
     def remove(self, name: str) -> None:
-        if self.enabled:
-            sd_daemon.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        if not self.enabled:
+            return
+        try:
+            _notifier.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        except OSError as exc:
+            # The release is journaled and the lock dropped (F_UNLCK on the shared open file
+            # description); systemd keeps a stale, unlocked fd that the next start closes as
+            # a stray.
+            log.warning("FDSTOREREMOVE of %s not sent: %s", name, exc)

@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from lockd import __version__
 from lockd.config import Config
@@ -78,8 +78,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # an asyncio.Transport (or uvloop's equivalent, which is not a subclass)
+        self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         self.peer = Peer.of_socket(sock)
