@@ -418,17 +418,20 @@ class ClientThread(threading.Thread):
             )
 
     def release(self, owner: Owner, path: str) -> None:
-        m, uuid = self.m, owner.uuid
-        assert uuid is not None
         prev = owner.leases.get(path)
         what = f"release {path}"
         owner.releasing.add(path)
         try:
-            reply, err, spanned = self._call(
-                owner, what, lambda: self.client.release(path, owner=uuid)
-            )
+            self._release(owner, path, prev, what)
         finally:
+            # only after the model forgot the lease: until then another thread's
+            # check_conflicts must not count it as held
             owner.releasing.discard(path)
+
+    def _release(self, owner: Owner, path: str, prev: tuple[str, int] | None, what: str) -> None:
+        m, uuid = self.m, owner.uuid
+        assert uuid is not None
+        reply, err, spanned = self._call(owner, what, lambda: self.client.release(path, owner=uuid))
         tag = " (spanned a crash)" if spanned else ""
         if err is not None:
             self.say(f"{owner.name} {what} -> {type(err).__name__}{tag}")
