@@ -473,16 +473,20 @@ class ClientThread(threading.Thread):
                 owner.released_at[path] = time.time()
 
     def release_all(self, owner: Owner) -> None:
-        uuid = owner.uuid
-        assert uuid is not None
         before = dict(owner.leases)
         owner.releasing.update(before)
         try:
-            reply, err, spanned = self._call(
-                owner, "release-all", lambda: self.client.release_all(owner=uuid)
-            )
+            self._release_all(owner, before)
         finally:
+            # only after the model forgot the leases (see release)
             owner.releasing.clear()
+
+    def _release_all(self, owner: Owner, before: dict[str, tuple[str, int]]) -> None:
+        uuid = owner.uuid
+        assert uuid is not None
+        reply, err, spanned = self._call(
+            owner, "release-all", lambda: self.client.release_all(owner=uuid)
+        )
         tag = " (spanned a crash)" if spanned else ""
         if err is not None:
             self.say(f"{owner.name} release-all -> {type(err).__name__}{tag}")
