@@ -137,8 +137,17 @@ class Journal:
         self.path = path
         try:
             if readonly:
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                # Without a -wal file there is nothing to recover: immutable=1 reads the
+                # file without creating -shm/-wal beside it (reading must leave no trace).
+                wal = path.with_name(path.name + "-wal").exists()
+                uri = f"file:{path}?mode=ro" + ("" if wal else "&immutable=1")
+                conn = sqlite3.connect(uri, uri=True)
             else:
+                if path.exists() and path.stat().st_size:
+                    # Judge an existing file read-only first: a journal we refuse (newer,
+                    # foreign, corrupt) must be left byte for byte as it was, and switching
+                    # it to WAL or closing a writer on it would already rewrite it.
+                    Journal(path, readonly=True).close()
                 conn = sqlite3.connect(str(path))
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
@@ -151,6 +160,9 @@ class Journal:
                 self._migrate()
             else:
                 self._check_known()
+                # corruption a schema read does not touch (a page of a table) shows here
+                if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise JournalUnreadable(f"{path} is corrupt (PRAGMA quick_check)")
         except sqlite3.DatabaseError as exc:
             raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from lockd import ofd
@@ -44,7 +45,8 @@ def check_path(path: str) -> None:
         raise _invalid(path, f"longer than {MAX_PATH - 1} bytes")
     if not path.startswith("/"):
         raise _invalid(path, "not an absolute path")
-    if os.path.normpath(path) != path:
+    # normpath keeps exactly two leading slashes (POSIX leaves "//" implementation-defined)
+    if os.path.normpath(path) != path or path.startswith("//"):
         raise _invalid(path, "not a normalized path (no '.', '..', '//' or trailing '/')")
     if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME for part in path.split("/")):
         raise _invalid(path, f"a path component is longer than {MAX_NAME} bytes")
@@ -92,7 +94,13 @@ class Lockspaces:
         return str(self.indirect[lockspace] / rkey)
 
     def lock(
-        self, lockspace: str, resource: str, rkey: str, exclusive: bool, path: str | None = None
+        self,
+        lockspace: str,
+        resource: str,
+        rkey: str,
+        exclusive: bool,
+        path: str | None = None,
+        check: Callable[[os.stat_result], None] | None = None,
     ) -> Locked:
         """Lock the resource's file (``path``, default: where the resource leads now). For
         direct resources the file must still be the inode the key names (the path may now
@@ -102,6 +110,6 @@ class Lockspaces:
             return ofd.lock_lease_file(path, exclusive, resource)
         dev, _, ino = rkey.partition(":")
         try:
-            return ofd.lock_existing(path, exclusive, (int(dev), int(ino)))
+            return ofd.lock_existing(path, exclusive, (int(dev), int(ino)), check)
         except InvalidResource as exc:
             raise _invalid(resource, str(exc.parameters.get("reason", exc))) from None

@@ -41,26 +41,32 @@ class _Notifier:
 
     systemd-python's notify() blocks when the receiver's queue is full
     (net.unix.max_dgram_qlen, 10 by default): a supervisor that stops reading would freeze
-    the event loop. Here a full queue is EAGAIN at once: a STATUS or WATCHDOG message is
-    then dropped (the next one follows shortly), and an FDSTORE is refused to the caller,
-    which refuses the acquire rather than grant a lease that is not parked.
+    the event loop. Here a STATUS or WATCHDOG message meets a full queue with EAGAIN at
+    once and is dropped (the next one follows shortly). FDSTORE must not be dropped, and
+    systemd 252 can be slow to read it (it compares each new fd with every stored one), so
+    it waits for room, up to FDSTORE_TIMEOUT; past that the caller refuses the acquire
+    rather than grant a lease that is not parked.
     """
+
+    FDSTORE_TIMEOUT = 10.0
 
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.address = ""
 
-    def send(self, message: str, fds: list[int] | None = None) -> None:
+    def send(self, message: str, fds: list[int] | None = None, wait: bool = False) -> None:
         address = os.environ.get("NOTIFY_SOCKET", "")
         if not address:
             return
         if self.sock is None or address != self.address:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.sock.settimeout(self.FDSTORE_TIMEOUT)  # bounds the waiting sends
             self.address = address
         # "@name" is an abstract socket (sd_notify(3))
         target = "\0" + address[1:] if address.startswith("@") else address
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        self.sock.sendmsg([message.encode()], ancillary, socket.MSG_DONTWAIT, target)
+        flags = 0 if wait else socket.MSG_DONTWAIT
+        self.sock.sendmsg([message.encode()], ancillary, flags, target)
 
 
 _notifier = _Notifier()
@@ -110,13 +116,13 @@ class FdStore:
     def add(self, name: str, fd: int) -> None:
         """Park fd in the store; OSError (EAGAIN: systemd is not reading) if it was not."""
         if self.enabled:
-            _notifier.send(f"FDSTORE=1\nFDNAME={name}", [fd])
+            _notifier.send(f"FDSTORE=1\nFDNAME={name}", [fd], wait=True)
 
     def remove(self, name: str) -> None:
         if not self.enabled:
             return
         try:
-            _notifier.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            _notifier.send(f"FDSTOREREMOVE=1\nFDNAME={name}", wait=True)
         except OSError as exc:
             # The release is journaled and the lock dropped (F_UNLCK on the shared open file
             # description); systemd keeps a stale, unlocked fd that the next start closes as

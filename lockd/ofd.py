@@ -30,6 +30,7 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
@@ -102,7 +103,12 @@ def _set(fd: int, exclusive: bool, resource: str) -> None:
         raise
 
 
-def lock_existing(path: str, exclusive: bool, inode: tuple[int, int] | None = None) -> Locked:
+def lock_existing(
+    path: str,
+    exclusive: bool,
+    inode: tuple[int, int] | None = None,
+    check: Callable[[os.stat_result], None] | None = None,
+) -> Locked:
     """Open an existing regular file or block device and lock byte 0 (direct lockspace).
 
     With ``inode`` = (dev, ino), the opened file must be that one, checked *before* locking:
@@ -131,6 +137,8 @@ def lock_existing(path: str, exclusive: bool, inode: tuple[int, int] | None = No
             raise InvalidResource(
                 f"{path}: now another file", resource=path, reason="the path leads to another file"
             )
+        if check is not None:
+            check(st)  # on the file actually opened: the path may have been swapped since
         _set(fd, exclusive, path)
     except BaseException:
         os.close(fd)

@@ -96,6 +96,33 @@ class Peer:
     def root(self) -> bool:
         return self.uid == 0
 
+    def may_search(self, path: str) -> bool:
+        """Whether the peer could reach ``path``: search (x) permission on every directory
+        above it, both as written and with symlinks resolved. Checked before anything is
+        looked up, so a refusal says nothing about whether the file exists."""
+        for full in (path, os.path.realpath(path)):
+            parent = os.path.dirname(full)
+            while True:
+                try:
+                    st = os.stat(parent)
+                except OSError:
+                    break  # does not exist: the lookup proper reports it
+                if not self._allowed(st, 0o1):
+                    return False
+                if parent == "/":
+                    break
+                parent = os.path.dirname(parent)
+        return True
+
+    def _allowed(self, st: os.stat_result, need: int) -> bool:
+        if self.root:
+            return True
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & (need << 6))
+        if st.st_gid in self.gids:
+            return bool(st.st_mode & (need << 3))
+        return bool(st.st_mode & need)
+
     def may_open(self, st: os.stat_result, write: bool) -> bool:
         """Whether the peer itself could open a file of this mode for reading or writing.
 
@@ -103,14 +130,7 @@ class Peer:
         lock one it could not open itself (another user's disk image, /etc/shadow): that
         would let it deny others their own files. Classic mode bits only (no ACLs).
         """
-        if self.root:
-            return True
-        need = 0o2 if write else 0o4
-        if st.st_uid == self.uid:
-            return bool(st.st_mode & (need << 6))
-        if st.st_gid in self.gids:
-            return bool(st.st_mode & (need << 3))
-        return bool(st.st_mode & need)
+        return self._allowed(st, 0o2 if write else 0o4)
 
 
 _PEERCRED = struct.Struct("3i")

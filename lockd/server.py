@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import logging
 import os
@@ -37,6 +38,7 @@ from lockd.config import Config
 from lockd.errors import (
     InterfaceNotFound,
     InvalidParameter,
+    LimitExceeded,
     LockdError,
     MethodNotFound,
     PermissionDenied,
@@ -144,7 +146,11 @@ class Connection(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        if self._writable is not None or len(self.queue) >= MAX_QUEUED_CALLS:
+        if (
+            self._writable is not None
+            or len(self.queue) >= MAX_QUEUED_CALLS
+            or self.decoder.pending > self.server.config.max_message  # calls not yet queued
+        ):
             if t.is_reading():
                 t.pause_reading()
         elif not t.is_reading():
@@ -209,6 +215,16 @@ class Connection(asyncio.Protocol):
                 self.send(encode_error(exc))
         except MemoryError:
             os.abort()  # DESIGN §8: abort and let recovery bring the state back
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of fds anywhere on the way
+                self.send(
+                    encode_error(
+                        LimitExceeded("out of file descriptors", limit="open-files", value=0)
+                    )
+                )
+                return
+            log.exception("internal error in %s", call.method)
+            self.send(encode_error(LockdError("internal error", method=call.method)))
         except Exception:
             log.exception("internal error in %s", call.method)
             self.send(encode_error(LockdError("internal error", method=call.method)))

@@ -367,20 +367,26 @@ class LockService:
             raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
         ls = self.lockspaces.canonical(lockspace)
         self.lockspaces.check(ls, resource)
-        rkey = self.lockspaces.key(ls, resource)
-        if rkey is None:
-            ofd.lock_existing(resource, mode == "exclusive")  # raises the precise error
-            raise AssertionError("unreachable: stat failed but open succeeded")
-        if (
-            not peer.root
-            and ls == DIRECT
-            and not peer.may_open(os.stat(resource), mode == "exclusive")
-        ):
-            raise PermissionDenied(
+        exclusive = mode == "exclusive"
+        check = None
+        if not peer.root and ls == DIRECT:
+            # A non-root client may lock only what it could open itself (DESIGN §8).
+            denied = PermissionDenied(
                 f"{resource}: the client may not open it for "
-                + ("writing" if mode == "exclusive" else "reading"),
+                + ("writing" if exclusive else "reading"),
                 reason="the client has no access to the file",
             )
+            if not peer.may_search(resource):
+                raise denied
+
+            def check(st: os.stat_result) -> None:
+                if not peer.may_open(st, exclusive):
+                    raise denied
+
+        rkey = self.lockspaces.key(ls, resource)
+        if rkey is None:
+            ofd.lock_existing(resource, exclusive)  # raises the precise error
+            raise AssertionError("unreachable: stat failed but open succeeded")
         while True:
             existing = owner.leases.get((ls, rkey))
             if existing is None or existing.settled is None:
@@ -418,7 +424,7 @@ class LockService:
                 raise TokenMismatch(expected=token, current=current)
         failpoint.hit("acquire.before-lock")
         try:
-            locked = self.lockspaces.lock(ls, resource, rkey, mode == "exclusive")
+            locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check)
         except ResourceBusy:
             raise ResourceBusy(
                 f"{resource} is busy", lockspace=ls, resource=resource, mode=mode

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -76,12 +77,8 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs, unmounted at teardown."""
     with contextlib.ExitStack() as stack:
         try:
-            mnt = stack.enter_context(
-                mounted(
-                    "-t", "tmpfs", "-o", "size=2m,mode=0700", "lockd-test-enospc",
-                    target=tmp_path / "tiny",
-                )  # fmt: skip
-            )
+            opts = ("-t", "tmpfs", "-o", "size=2m,mode=0700", "lockd-test-enospc")
+            mnt = stack.enter_context(mounted(*opts, target=tmp_path / "tiny"))
         except OSError as exc:
             pytest.skip(f"cannot mount a tmpfs here: {exc}")
         yield mnt
@@ -252,6 +249,7 @@ def shutdown_fs(mnt: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="LockService.owner_died() removes the owner and its leases from the table before "
     "its commit; while the commit keeps failing the kernel lock stays held (right) but "
     "ListLeases / lockctl locks no longer show the lease",
@@ -333,6 +331,41 @@ def test_corrupt_journal_refused_untouched(stopped_journal: Daemon) -> None:
     assert len(d.leases()) == 3
 
 
+@pytest.mark.parametrize(
+    "table",
+    ["events", "events_by_owner", "resources"],
+)
+def test_journal_with_a_corrupt_table_is_refused_at_start(
+    stopped_journal: Daemon, table: str
+) -> None:
+    """A corrupt page anywhere in the journal is a corrupt journal: refused at start (exit 1,
+    one line), not discovered by the first client."""
+    d = stopped_journal
+    path = d.state_dir / "journal.sqlite"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    if page is None:
+        pytest.skip(f"this journal schema has no {table}")
+    data = bytearray(path.read_bytes())
+    data[(page[0] - 1) * size : page[0] * size] = os.urandom(size)
+    path.write_bytes(bytes(data))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    d.spawn()
+    try:
+        rc = d.proc.wait(5) if d.proc is not None else None
+    except subprocess.TimeoutExpired:
+        rc = None
+    started = rc is None
+    d.kill()  # SIGKILL: leaves an empty -wal and the -shm, which change nothing
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before, "the journal was written to"
+    wal = d.state_dir / "journal.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0, "a WAL was written over a corrupt journal"
+    assert not started, f"lockd started on a journal with a corrupt {table} page"
+    assert rc == 1 and len(this_start(d)) == 1, this_start(d)
+
+
 def add_future_migration(path: Path, exit_without_close: bool = False) -> None:
     """Record a migration this lockd does not know, as a newer lockd would have. With
     ``exit_without_close`` the writer dies without closing (no checkpoint): its commit stays
@@ -340,7 +373,7 @@ def add_future_migration(path: Path, exit_without_close: bool = False) -> None:
     code = (
         "import os, sqlite3, sys\n"
         "db = sqlite3.connect(sys.argv[1])\n"
-        "db.execute(\"INSERT INTO _sqlite_migrations (migration_set, name, applied_at)"
+        'db.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at)'
         " VALUES ('lockd', '999_from_the_future', '2031-01-01')\")\n"
         "db.commit()\n"
         "if sys.argv[2] == '1':\n"
@@ -361,15 +394,22 @@ def test_newer_journal_refused_untouched(stopped_journal: Daemon) -> None:
 
 
 REFUSAL_WRITES = (
-    "lockd opens the journal read-write and runs PRAGMA journal_mode=WAL before checking its "
-    "schema (Journal.__init__ -> _migrate -> _check_known), and the refused connection's close "
-    "checkpoints the WAL: a journal it refuses is rewritten (WAL frames folded into the main "
-    "file, or a rollback-mode file converted to WAL, header bytes 18/19)"
+    "a newer lockd's journal left with its last commit in the WAL: the read-only schema check "
+    "has to open it with -shm, and SQLite's read-only WAL reader rewrites the -shm index"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=REFUSAL_WRITES)
-@pytest.mark.parametrize("kind", ["newer-crashed-with-wal", "newer-rollback-mode", "foreign"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            "newer-crashed-with-wal",
+            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=REFUSAL_WRITES),
+        ),
+        "newer-rollback-mode",
+        "foreign",
+    ],
+)
 def test_refused_journal_is_not_rewritten(
     daemon: Daemon, owners: Owners, files: list[Path], kind: str
 ) -> None:
@@ -476,12 +516,6 @@ def test_out_of_fds_is_limit_exceeded(
     d.assert_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Register at the fd limit answers io.lockd.Error 'internal error': "
-    "process.start_time() opens /proc/PID/stat and os.pidfd_open() needs an fd; their EMFILE "
-    "is not mapped to LimitExceeded (only ofd._os_error maps EMFILE)",
-)
 def test_register_out_of_fds_is_limit_exceeded(
     nofile_daemon: NofileDaemon, owners: Owners, tmp_path: Path
 ) -> None:
@@ -499,11 +533,17 @@ def test_register_out_of_fds_is_limit_exceeded(
 
 
 def test_memory_error_aborts_and_recovery_restores(
-    daemon: Daemon, owners: Owners, files: list[Path]
+    make_daemon: Callable[..., Daemon],
+    owners: Owners,
+    files: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Out of memory for real: the daemon aborts (SIGABRT) instead of limping on, and the
-    restart re-takes every lease with its token."""
+    restart re-takes every lease with its token. faulthandler (PYTHONFAULTHANDLER) prints
+    where the abort came from: it must be one of lockd's own ``os.abort()`` calls."""
     raise_nofile(4096)
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    daemon = make_daemon()
     o = daemon.register(owners.spawn().pid)["uuid"]
     tokens = {str(f): daemon.acquire(f, owner=o)["token"] for f in files[:4]}
     size_kb = vm_kb(daemon.pid, "VmSize")
@@ -535,7 +575,16 @@ def test_memory_error_aborts_and_recovery_restores(
         f"after {len(socks)} connections of 60 KB"
     )
     assert rc == -signal.SIGABRT, f"exit {rc}, expected SIGABRT\n{daemon.stderr_tail()}"
-    assert "Fatal Python error" not in daemon.stderr_text(), daemon.stderr_tail()
+    err = daemon.stderr_text()
+    assert "Fatal Python error: Aborted" in err, daemon.stderr_tail()
+    # faulthandler's traceback, most recent call first: the abort is one of lockd's
+    # MemoryError handlers (each calls os.abort() for a MemoryError and nothing else)
+    frames = err.split("Fatal Python error: Aborted", 1)[1].split("most recent call first):")[1]
+    where = frames.strip().splitlines()[0].strip()
+    print(f"aborted at: {where}")
+    assert re.search(
+        r'/lockd/(daemon|server)\.py", line \d+ in (_loop_exception|main|_handle)$', where
+    ), daemon.stderr_tail()
     assert all(probe(f) == "free" for f in files[:4])  # no fd store: the locks died with it
     daemon.start()
     held = {x["resource"]: x["token"] for x in daemon.leases() if x["state"] == "held"}
