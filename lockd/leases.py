@@ -243,7 +243,9 @@ class LeaseTable:
         return list(self.by_resource.get((lockspace, rkey), {}).values())
 
     def leases(self) -> list[Lease]:
-        return [lease for o in self.owners.values() for lease in o.leases.values()]
+        # by resource, not by owner: a dead owner is forgotten at once, but its leases stay
+        # (and are listed) until their release is journaled and their locks dropped
+        return [lease for holders in self.by_resource.values() for lease in holders.values()]
 
     def max_token(self) -> int:
         return max((lease.token for lease in self.leases()), default=0)

@@ -247,13 +247,6 @@ def shutdown_fs(mnt: Path) -> None:
     assert ei.value.errno == errno.EIO, ei.value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="LockService.owner_died() removes the owner and its leases from the table before "
-    "its commit; while the commit keeps failing the kernel lock stays held (right) but "
-    "ListLeases / lockctl locks no longer show the lease",
-)
 def test_lock_kept_for_unjournaled_owner_death_is_listed(
     make_daemon: Callable[..., Daemon], owners: Owners, ext4_fs: tuple[Path, str], tmp_path: Path
 ) -> None:
