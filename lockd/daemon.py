@@ -34,6 +34,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fasteners
 
@@ -346,18 +347,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lockd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(config.log_level)
+    # Out of memory, Python may fail even to report an exception ("Exception ignored on
+    # building sys.unraisablehook arguments") and limp on or exit 1 (seen under RLIMIT_AS in
+    # tests/test_faults.py). Every such path aborts instead: recovery brings the state back.
+    sys.unraisablehook = _abort_on_memory_error
     try:
         return asyncio.run(Daemon(config).run())
     except Fatal as exc:
         print(f"lockd: {exc}", file=sys.stderr)
         return exc.code
-    except MemoryError:
-        os.abort()
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             print(f"lockd: {exc}", file=sys.stderr)
             return EXIT_FATAL
+        os.abort()
+    except (SystemExit, KeyboardInterrupt):
         raise
+    except BaseException:
+        # MemoryError, or anything the daemon did not expect (SystemError from a loop that
+        # ran out of memory): a crash either way, and a crash is an abort (DESIGN §8)
+        os.abort()
+
+
+def _abort_on_memory_error(unraisable: Any) -> None:
+    if isinstance(getattr(unraisable, "exc_value", None), MemoryError):
+        os.abort()
+    sys.__unraisablehook__(unraisable)
 
 
 if __name__ == "__main__":

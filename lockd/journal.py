@@ -153,6 +153,10 @@ class Journal:
             conn.isolation_level = None
             self.conn = conn
             if not readonly:
+                # A commit writes every page it touched, whole, to the WAL: a grant touches a
+                # handful of rows in as many tables, so small pages mean fewer bytes per
+                # commit (only a new file takes it; a WAL database keeps its page size).
+                conn.execute("PRAGMA page_size=1024")
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")
                 # a checkpoint resets the WAL; without a limit it keeps its largest size

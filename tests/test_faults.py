@@ -576,7 +576,9 @@ def test_memory_error_aborts_and_recovery_restores(
     where = frames.strip().splitlines()[0].strip()
     print(f"aborted at: {where}")
     assert re.search(
-        r'/lockd/(daemon|server)\.py", line \d+ in (_loop_exception|main|_handle)$', where
+        r'/lockd/(daemon|server)\.py", line \d+ in '
+        r"(_loop_exception|main|_handle|_abort_on_memory_error)$",
+        where,
     ), daemon.stderr_tail()
     assert all(probe(f) == "free" for f in files[:4])  # no fd store: the locks died with it
     daemon.start()
