@@ -170,6 +170,11 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_loop_exception)
+        # Signals first: a SIGTERM during start-up (or right after READY=1) must stop us
+        # cleanly once we serve, not kill us by its default action halfway through.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.request_reexec)
         # -- startup: DESIGN §5, in order
         state_lock = self.lock_state_dir()
         nofile = raise_nofile()
@@ -221,9 +226,6 @@ class Daemon:
         )
         notify.notify(f"READY=1\nSTATUS={server.status_line()}")
         # -- serve
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, self.request_reexec)
         timers = [
             # history is bounded (DESIGN §4.5): prune it now and then, not on the hot path
             Ticker(loop, 1.0, functools.partial(journal.prune, self.config.history_retention)),
