@@ -364,10 +364,17 @@ class Torture:
         self.gate.pause()
         if self.lockd.proc is not None and not self.log.violations:
             self.gate.wait_paused(self.threads, 120)
-            rc = self.lockd.kill(signal.SIGTERM)
-            self.stats["clean stops"] += 1
-            if rc != 0:
-                self.violation("clean-stop", f"SIGTERM: exited {rc}")
+            if self.armed and self.lockd.died():
+                # the last cycle's armed failpoint fired (an owner died): a crash, not a stop
+                rc = self.lockd.reap()
+                self.stats["crashes"] += 1
+                if rc != -signal.SIGABRT:
+                    self.violation("armed-death", f"armed daemon exited {rc}, not SIGABRT")
+            else:
+                rc = self.lockd.kill(signal.SIGTERM)
+                self.stats["clean stops"] += 1
+                if rc != 0:
+                    self.violation("clean-stop", f"SIGTERM: exited {rc}")
             t = time.monotonic()
             ready = self.start(None)
             if ready is not None:
