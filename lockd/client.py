@@ -116,10 +116,6 @@ class _Conn:
         self.pid = os.getpid()
         self.decoder = Decoder(max_message=MAX_REPLY)
         self.inbox: deque[Reply] = deque()
-        # chunks of an unfinished message: the Decoder rescans its whole buffer for the NUL on
-        # every feed, which is quadratic on a multi-megabyte reply read 64 KiB at a time
-        self.partial: list[bytes] = []
-        self.partial_len = 0
         self.cancelled = False
 
     def send(self, data: bytes, deadline: float | None) -> None:
@@ -132,20 +128,14 @@ class _Conn:
             data = self.sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionResetError(ECONNRESET, "lockd closed the connection")
-            if b"\0" not in data and self.partial_len + len(data) <= MAX_REPLY:
-                self.partial.append(data)
-                self.partial_len += len(data)
-                continue
-            if self.partial:
-                data = b"".join(self.partial) + data
-                self.partial.clear()
-                self.partial_len = 0
+            # the Decoder scans only new bytes for the NUL, so a multi-megabyte reply read
+            # 64 KiB at a time stays linear
             self.inbox.extend(self.decoder.feed(data))
         return self.inbox.popleft()
 
     @property
     def idle(self) -> bool:
-        return not self.inbox and not self.partial and not self.decoder.pending
+        return not self.inbox and not self.decoder.pending
 
     def close(self, shutdown: bool = False) -> None:
         # close() alone does not wake a recv() blocked in another thread; shutdown does, but
