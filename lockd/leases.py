@@ -247,8 +247,8 @@ class LeaseTable:
         # (and are listed) until their release is journaled and their locks dropped
         return [lease for holders in self.by_resource.values() for lease in holders.values()]
 
-    def max_token(self) -> int:
-        return max((lease.token for lease in self.leases()), default=0)
+    def lost(self) -> int:
+        return sum(1 for lease in self.leases() if lease.state == State.LOST)
 
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -386,7 +386,6 @@ class Server:
     # -- io.lockd.Admin -------------------------------------------------------------------------
     async def status(self, conn: Connection, p: Params) -> dict[str, Any]:
         table = self.service.table
-        leases = table.leases()
         return {
             "status": {
                 "pid": os.getpid(),
@@ -395,8 +394,8 @@ class Server:
                 "state_dir": str(self.config.state_dir),
                 "journal": str(self.config.journal_path),
                 "started_at": self.started_at,
-                "leases": len(leases),
-                "lost": sum(1 for lease in leases if lease.state == State.LOST),
+                "leases": table.count,
+                "lost": table.lost(),
                 "owners": len(table.owners),
                 "connections": len(self.connections),
                 "next_token": self.service.commit.last_token + 1,
@@ -436,9 +435,8 @@ class Server:
 
     def status_line(self) -> str:
         table = self.service.table
-        lost = sum(1 for lease in table.leases() if lease.state == State.LOST)
         return (
-            f"{table.count} leases ({lost} lost), {len(table.owners)} owners, "
+            f"{table.count} leases ({table.lost()} lost), {len(table.owners)} owners, "
             f"{len(self.connections)} connections; last recovery: {self.report.summary()}"
         )
 

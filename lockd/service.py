@@ -75,7 +75,6 @@ class GroupCommit:
         # the token sequence: allocated in memory, stored by the batch that grants it
         self.last_token = 0
         self._stored_token = 0
-        self.commits = 0
 
     def next_token(self) -> int:
         self.last_token += 1
@@ -114,7 +113,6 @@ class GroupCommit:
                     fut.set_exception(exc)
             return
         self._stored_token = reserve
-        self.commits += 1
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
