@@ -1,17 +1,18 @@
 """The journal: one SQLite file, the only module that speaks SQL.
 
-Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases,
-per-resource last tokens, a meta key/value table) that recovery reads whole, and an
-append-only ``events`` table for history, pruned to a retention limit so that neither the
-file nor recovery grows with the number of operations ever done.
+Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases
+keyed by token, a meta key/value table) that recovery reads whole, and an append-only
+``events`` table for history (which also answers a resource's last token), pruned to a
+retention limit so that neither the file nor recovery grows with the operations ever done.
 
 - WAL mode, ``synchronous=NORMAL`` by default: a commit is in the OS page cache when
   ``COMMIT`` returns, which survives any crash of this process (SIGKILL, abort). It may not
   survive a power loss, and need not: after a reboot every owner is dead and every kernel
   lock gone, so a journal from another boot is closed out, never replayed (§4.3).
 - The daemon groups the writes of requests that arrive together into one transaction
-  (:meth:`Journal.transaction`, driven by the server's group commit) and replies only after
-  ``COMMIT`` returned.
+  (:meth:`Journal.commit`, driven by the service's group commit) and replies only after
+  ``COMMIT`` returned. Writes are data (:data:`Write`, built by the functions below), so a
+  batch runs as one ``executemany`` per statement rather than one call per request.
 - Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
   :class:`~sqlite_utils.migrations.Migrations` (imported only when one is pending: its
   import alone costs more than recovering thousands of leases); a journal carrying a
@@ -25,18 +26,117 @@ ever replied is never handed out again, even across crashes.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lockd.errors import JournalError
 
+if TYPE_CHECKING:
+    from lockd.leases import Lease
+
 MIGRATION_SET = "lockd"
+
+# One journal write: a statement and its parameters. The daemon's hot path builds these with
+# the functions below and hands a batch of them to Journal.commit, which runs each run of the
+# same statement as one executemany.
+Write = tuple[str, tuple[Any, ...]]
+
+_INSERT_LEASE = (
+    "INSERT INTO leases (token, owner, lockspace, rkey, resource, path, mode, state,"
+    " acquired_at, fdname) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_DELETE_LEASE = "DELETE FROM leases WHERE token = ?"
+_INSERT_EVENT = (
+    "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode, reason)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_PUT_OWNER = (
+    "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
+    " registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def insert_lease(lease: Lease, state: str) -> Write:
+    return (
+        _INSERT_LEASE,
+        (
+            lease.token,
+            lease.owner.uuid,
+            lease.lockspace,
+            lease.rkey,
+            lease.resource,
+            lease.path,
+            lease.mode,
+            state,
+            lease.acquired_at,
+            lease.fdname,
+        ),
+    )
+
+
+def delete_lease(token: int) -> Write:
+    return (_DELETE_LEASE, (token,))
+
+
+def set_lease_state(token: int, state: str) -> Write:
+    return ("UPDATE leases SET state = ? WHERE token = ?", (state, token))
+
+
+def lease_event(event: str, lease: Lease, reason: str | None = None, at: float = 0.0) -> Write:
+    """A history event about a lease (its columns from the lease itself)."""
+    return (
+        _INSERT_EVENT,
+        (
+            at or time.time(),
+            event,
+            lease.lockspace,
+            lease.resource,
+            lease.rkey,
+            lease.owner.uuid,
+            lease.owner.pid,
+            lease.token,
+            lease.mode,
+            reason,
+        ),
+    )
+
+
+def owner_event(event: str, owner: str, pid: int, reason: str | None) -> Write:
+    """A history event about an owner (register, owner-dead)."""
+    return (
+        _INSERT_EVENT,
+        (time.time(), event, None, None, None, owner, pid, None, None, reason),
+    )
+
+
+def put_owner(row: dict[str, Any]) -> Write:
+    return (_PUT_OWNER, tuple(row[k] for k in _OWNER_COLUMNS))
+
+
+def delete_owner(uuid: str) -> list[Write]:
+    return [
+        ("DELETE FROM leases WHERE owner = ?", (uuid,)),
+        ("DELETE FROM owners WHERE uuid = ?", (uuid,)),
+    ]
+
+
+def set_meta(key: str, value: str) -> Write:
+    return (
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+_OWNER_COLUMNS = ("uuid", "name", "pid", "start_time", "boot_id", "uid", "fence", "registered_at")
 
 
 class JournalUnreadable(ValueError):
@@ -212,6 +312,17 @@ class Journal:
         except sqlite3.Error as exc:
             raise JournalError(f"journal write failed: {exc}", reason=str(exc)) from None
 
+    def write(self, writes: Iterable[Write]) -> None:
+        """Run writes inside the current transaction, in order; a run of one statement is one
+        executemany (a batch of grants costs one call into SQLite, not one per grant)."""
+        for sql, run in itertools.groupby(writes, key=operator.itemgetter(0)):
+            self.conn.executemany(sql, [params for _, params in run])
+
+    def commit(self, writes: Iterable[Write]) -> None:
+        """The writes as one transaction; JournalError if it failed (nothing was written)."""
+        with self.transaction():
+            self.write(writes)
+
     def close(self) -> None:
         self.conn.close()
 
@@ -221,18 +332,14 @@ class Journal:
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        self.conn.execute(*set_meta(key, value))
 
     # -- state ----------------------------------------------------------------------------
     def load(self) -> Snapshot:
         with self.transaction():
             meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
             owners = self._dicts("SELECT * FROM owners")
-            leases = self._dicts("SELECT * FROM leases ORDER BY id")
+            leases = self._dicts("SELECT * FROM leases ORDER BY token")
         return Snapshot(meta, owners, leases)
 
     def _dicts(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -240,44 +347,12 @@ class Journal:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
-    def put_owner(self, o: dict[str, Any]) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
-            " registered_at) VALUES (:uuid, :name, :pid, :start_time, :boot_id, :uid, :fence,"
-            " :registered_at)",
-            o,
-        )
-
-    def delete_owner(self, uuid: str) -> None:
-        self.conn.execute("DELETE FROM leases WHERE owner = ?", (uuid,))
-        self.conn.execute("DELETE FROM owners WHERE uuid = ?", (uuid,))
-
-    def insert_lease(self, row: dict[str, Any]) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO leases (owner, lockspace, rkey, resource, path, mode, token, state,"
-            " acquired_at, fdname) VALUES (:owner, :lockspace, :rkey, :resource, :path, :mode,"
-            " :token, :state, :acquired_at, :fdname)",
-            row,
-        )
-        self.conn.execute(
-            "INSERT INTO resources (lockspace, rkey, last_token, updated_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (lockspace, rkey) DO UPDATE SET last_token = excluded.last_token,"
-            " updated_at = excluded.updated_at",
-            (row["lockspace"], row["rkey"], row["token"], row["acquired_at"]),
-        )
-        return int(cur.lastrowid or 0)
-
-    def set_lease_state(self, lease_id: int, state: str) -> None:
-        self.conn.execute("UPDATE leases SET state = ? WHERE id = ?", (state, lease_id))
-
-    def delete_lease(self, lease_id: int) -> None:
-        self.conn.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
-
     def resource_token(self, lockspace: str, rkey: str) -> int:
+        """The last token granted on a resource, as far as history remembers."""
         row = self.conn.execute(
-            "SELECT last_token FROM resources WHERE lockspace = ? AND rkey = ?", (lockspace, rkey)
+            "SELECT max(token) FROM events WHERE lockspace = ? AND rkey = ?", (lockspace, rkey)
         ).fetchone()
-        return 0 if row is None else int(row[0])
+        return 0 if row is None or row[0] is None else int(row[0])
 
     def close_all(self, event: str, reason: str) -> int:
         """Close out every lease and owner (a journal from another boot). Returns leases."""
@@ -286,7 +361,7 @@ class Journal:
         self.conn.execute(
             "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
             " reason) SELECT ?, ?, l.lockspace, l.resource, l.rkey, l.owner, o.pid, l.token,"
-            " l.mode, ? FROM leases l JOIN owners o ON o.uuid = l.owner ORDER BY l.id",
+            " l.mode, ? FROM leases l JOIN owners o ON o.uuid = l.owner ORDER BY l.token",
             (now, event, reason),
         )
         self.conn.execute("DELETE FROM leases")
@@ -294,56 +369,16 @@ class Journal:
         return int(n)
 
     # -- history --------------------------------------------------------------------------
-    def event(
-        self,
-        event: str,
-        *,
-        lockspace: str | None = None,
-        resource: str | None = None,
-        rkey: str | None = None,
-        owner: str | None = None,
-        pid: int | None = None,
-        token: int | None = None,
-        mode: str | None = None,
-        reason: str | None = None,
-        at: float | None = None,
-    ) -> None:
-        self.conn.execute(
-            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
-            " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (at or time.time(), event, lockspace, resource, rkey, owner, pid, token, mode, reason),
-        )
-
-    def lease_events(self, rows: list[tuple[str, dict[str, Any], str | None]]) -> None:
-        """Many events at once (recovery writes one per lease): (event, lease fields, reason)."""
-        now = time.time()
-        self.conn.executemany(
-            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
-            " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    now,
-                    event,
-                    f["lockspace"],
-                    f["resource"],
-                    f["rkey"],
-                    f["owner"],
-                    f["pid"],
-                    f["token"],
-                    f["mode"],
-                    reason,
-                )
-                for event, f, reason in rows
-            ],
-        )
-
     def last_release(self, owner: str, lockspace: str, rkey: str) -> dict[str, Any] | None:
         """The newest event of (owner, resource) if it ended the lease, for idempotent
         Release: repeating a release whose reply was lost answers the same."""
         rows = self._dicts(
+            # events_by_resource, walked from the newest token: an owner's newest lease on
+            # a resource has its highest token there, and its events are ordered by seq
             "SELECT event, token, mode, resource FROM events"
-            " WHERE owner = ? AND lockspace = ? AND rkey = ? ORDER BY seq DESC LIMIT 1",
-            (owner, lockspace, rkey),
+            " WHERE lockspace = ? AND rkey = ? AND owner = ? ORDER BY token DESC, seq DESC"
+            " LIMIT 1",
+            (lockspace, rkey, owner),
         )
         if rows and rows[0]["event"] != "acquire":
             return rows[0]
@@ -368,27 +403,20 @@ class Journal:
         return rows
 
     def prune(self, retention: int, batch: int = 5000) -> int:
-        """Delete at most ``batch`` of the events beyond the newest ``retention``, and the
-        last tokens nobody can still hold. Small batches: this runs on the event loop, and a
-        large DELETE would stall every client (and grow the WAL) for as long as it takes."""
+        """Delete at most ``batch`` of the events beyond the newest ``retention``. Small
+        batches: this runs on the event loop, and a large DELETE would stall every client (and
+        grow the WAL) for as long as it takes."""
         with self.transaction():
             cur = self.conn.execute(
                 "DELETE FROM events WHERE seq <= min((SELECT max(seq) FROM events) - ?,"
                 " (SELECT min(seq) FROM events) + ? - 1)",
                 (retention, batch),
             )
-            if not cur.rowcount:
-                return 0
-            self.conn.execute(
-                "DELETE FROM resources WHERE updated_at < (SELECT min(at) FROM events)"
-                " AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.lockspace ="
-                " resources.lockspace AND l.rkey = resources.rkey)"
-            )
         return cur.rowcount
 
     # -- read-only views (lockctl dump) ---------------------------------------------------
     def wire_leases(self) -> list[dict[str, Any]]:
-        return [_lease_wire(r) for r in self.conn.execute(_LEASE_WIRE_SQL + " ORDER BY l.id")]
+        return [_lease_wire(r) for r in self.conn.execute(_LEASE_WIRE_SQL + " ORDER BY l.token")]
 
     def wire_owners(self) -> list[dict[str, Any]]:
         return self._dicts(

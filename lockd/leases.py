@@ -139,7 +139,6 @@ class Lease:
     fdname: str
     state: State
     fd: int | None = None
-    id: int = 0
     # kept (fd adopted from the store) | retaken (locked again after a gap) | lost | new
     continuity: str = "new"
     # set while a commit is in flight; done when the lease settles
@@ -160,37 +159,19 @@ class Lease:
         self.state = new
         return new
 
-    def row(self) -> dict[str, Any]:
+    def as_event(self, event: str, reason: str | None, at: float) -> dict[str, Any]:
+        """An io.lockd Event about this lease, as Watch streams it."""
         return {
-            "owner": self.owner.uuid,
-            "lockspace": self.lockspace,
-            "rkey": self.rkey,
-            "resource": self.resource,
-            "path": self.path,
-            "mode": self.mode,
-            "token": self.token,
-            "state": WIRE_STATE[self.state],
-            "acquired_at": self.acquired_at,
-            "fdname": self.fdname,
-        }
-
-    def event_fields(self) -> dict[str, Any]:
-        """The columns a history event about this lease carries."""
-        return {
+            "event": event,
+            "at": at,
             "lockspace": self.lockspace,
             "resource": self.resource,
-            "rkey": self.rkey,
             "owner": self.owner.uuid,
             "pid": self.owner.pid,
             "token": self.token,
             "mode": self.mode,
+            "reason": reason,
         }
-
-    def as_event(self, event: str, reason: str | None, at: float) -> dict[str, Any]:
-        """An io.lockd Event about this lease, as Watch streams it."""
-        fields = self.event_fields()
-        del fields["rkey"]
-        return {"event": event, "at": at, **fields, "reason": reason}
 
     def wire(self) -> dict[str, Any]:
         return {

@@ -24,14 +24,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 from lockd import failpoint, ofd, process
 from lockd.errors import InvalidResource, PermissionDenied, ResourceBusy
-from lockd.journal import Journal
+from lockd.journal import (
+    Journal,
+    Write,
+    delete_lease,
+    delete_owner,
+    lease_event,
+    owner_event,
+    set_lease_state,
+    set_meta,
+)
 from lockd.leases import Event, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces, direct_key
 
@@ -101,8 +108,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     report = Report(at=time.time())
     boot = process.boot_id()
     snap = journal.load()
-    ops: list[Callable[[], None]] = []
-    events: list[tuple[str, dict[str, Any], str | None]] = []
+    writes: list[Write] = []
+    events: list[Write] = []
     journal_boot = snap.meta.get("boot_id")
     if journal_boot is not None and journal_boot != boot and snap.leases:
         with journal.transaction():
@@ -138,7 +145,6 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             acquired_at=row["acquired_at"],
             fdname=row["fdname"],
             state=State.RECOVERING,
-            id=row["id"],
         )
         last_token = max(last_token, lease.token)
         fd = stored.pop(lease.fdname, None)
@@ -147,8 +153,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             report.released += 1
             if fd is not None:
                 stored[lease.fdname] = fd  # closed by the caller after this commit
-            ops.append(partial(journal.delete_lease, lease.id))
-            events.append(("owner-dead", lease.event_fields(), "owner exited while lockd was down"))
+            writes.append(delete_lease(lease.token))
+            events.append(lease_event("owner-dead", lease, "owner exited while lockd was down"))
             continue
         if row["state"] == "lost":
             lease.apply(Event.LOSE)
@@ -180,8 +186,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                     if isinstance(exc, ResourceBusy)
                     else f"cannot lock again: {exc}"
                 )
-                ops.append(partial(journal.set_lease_state, lease.id, "lost"))
-                events.append(("lost", lease.event_fields(), reason))
+                writes.append(set_lease_state(lease.token, "lost"))
+                events.append(lease_event("lost", lease, reason))
                 to_fence.setdefault(owner.uuid, []).append(lease)
                 log.error(
                     "lease on %s of owner %s lost: %s",
@@ -200,7 +206,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                 lease.apply(Event.RETAKE)
                 lease.continuity = "retaken"
                 report.retaken += 1
-                events.append(("retaken", lease.event_fields(), "locked again after a gap"))
+                events.append(lease_event("retaken", lease, "locked again after a gap"))
                 if first_retake:
                     first_retake = False
                     failpoint.hit("recovery.mid-replay")
@@ -208,24 +214,17 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
 
     dead = [o for u, o in owners.items() if not alive[u]]
     for owner in dead:
-        ops.append(partial(journal.delete_owner, owner.uuid))
-        ops.append(
-            partial(
-                journal.event,
-                "owner-dead",
-                owner=owner.uuid,
-                pid=owner.pid,
-                reason="owner exited while lockd was down",
-            )
+        writes += delete_owner(owner.uuid)
+        events.append(
+            owner_event("owner-dead", owner.uuid, owner.pid, "owner exited while lockd was down")
         )
     for u, o in owners.items():
         if alive[u]:
             table.add_owner(o)
-    with journal.transaction():
-        for op in ops:
-            op()
-        journal.lease_events(events)
-        journal.set_meta("boot_id", boot)
-        journal.set_meta("last_token", str(last_token))
+    # state changes, then the events in one run (one executemany for thousands of leases)
+    writes += events
+    writes.append(set_meta("boot_id", boot))
+    writes.append(set_meta("last_token", str(last_token)))
+    journal.commit(writes)
     report.duration_ms = (time.monotonic() - t0) * 1000
     return Outcome(table, report, last_token, to_fence)

@@ -30,10 +30,10 @@ import os
 import signal
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from lockd import failpoint, ofd, process
+from lockd import failpoint, journal, ofd, process
 from lockd.config import Config
 from lockd.errors import (
     InvalidParameter,
@@ -47,7 +47,7 @@ from lockd.errors import (
     ResourceBusy,
     TokenMismatch,
 )
-from lockd.journal import Journal
+from lockd.journal import Journal, Write
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
 from lockd.notify import FdStore
@@ -69,7 +69,7 @@ class GroupCommit:
     def __init__(self, journal: Journal, loop: asyncio.AbstractEventLoop) -> None:
         self.journal = journal
         self.loop = loop
-        self._ops: list[Callable[[], None]] = []
+        self._writes: list[Write] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
         # the token sequence: allocated in memory, stored by the batch that grants it
@@ -80,9 +80,9 @@ class GroupCommit:
         self.last_token += 1
         return self.last_token
 
-    def submit(self, *ops: Callable[[], None]) -> asyncio.Future[None]:
+    def submit(self, *writes: Write) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.loop.create_future()
-        self._ops.extend(ops)
+        self._writes.extend(writes)
         self._waiters.append(fut)
         if not self._scheduled:
             self._scheduled = True
@@ -90,22 +90,20 @@ class GroupCommit:
         return fut
 
     def flush(self) -> None:
-        ops, waiters = self._ops, self._waiters
-        self._ops, self._waiters, self._scheduled = [], [], False
+        writes, waiters = self._writes, self._waiters
+        self._writes, self._waiters, self._scheduled = [], [], False
         if not waiters:
             return
         token = self.last_token
         reserve = self._stored_token
+        if token > reserve:
+            # Store a bound a block ahead, not every token: one meta write per TOKEN_BLOCK
+            # grants. Recovery starts above the bound, so a token that was ever replied is
+            # never reused; a crash skips the rest of a block.
+            reserve = token + TOKEN_BLOCK
+            writes.append(journal.set_meta("last_token", str(reserve)))
         try:
-            with self.journal.transaction():
-                for op in ops:
-                    op()
-                if token > reserve:
-                    # Store a bound a block ahead, not every token: one meta write per
-                    # TOKEN_BLOCK grants. Recovery starts above the bound, so a token that
-                    # was ever replied is never reused; a crash skips the rest of a block.
-                    reserve = token + TOKEN_BLOCK
-                    self.journal.set_meta("last_token", str(reserve))
+            self.journal.commit(writes)
         except JournalError as exc:
             log.error("journal commit failed: %s", exc, extra={"LOCKD_EVENT": "journal-error"})
             for fut in waiters:
@@ -234,8 +232,7 @@ class LockService:
             if changed:  # re-registering may rename the owner or change its fence policy
                 existing.name = name if name is not None else existing.name
                 existing.fence = fence if fence is not None else existing.fence
-                row = existing.row()
-                await self.commit.submit(lambda: self.journal.put_owner(row))
+                await self.commit.submit(journal.put_owner(existing.row()))
             return existing
         if by_pid is not None:
             raise InvalidParameter(
@@ -256,12 +253,11 @@ class LockService:
         if not self.watch_owner(owner):
             raise NoSuchOwner(f"process {pid} exited while registering", owner=str(pid))
         self.table.add_owner(owner)
-        row = owner.row()
         self._registering[uuid] = self.loop.create_future()
         try:
             await self.commit.submit(
-                lambda: self.journal.put_owner(row),
-                lambda: self.journal.event("register", owner=uuid, pid=pid, reason=owner.name),
+                journal.put_owner(owner.row()),
+                journal.owner_event("register", uuid, pid, owner.name),
             )
         except JournalError:
             self.forget_owner(owner)
@@ -314,15 +310,12 @@ class LockService:
             lease.apply(Event.RELEASE)
             lease.settled = self.loop.create_future()
         failpoint.hit("owner-death.before-commit")
-        ops: list[Callable[[], None]] = [lambda: self.journal.delete_owner(owner.uuid)]
-        for lease in leases:
-            ops.append(self._event_op("owner-dead", lease, reason))
-        ops.append(
-            lambda: self.journal.event("owner-dead", owner=owner.uuid, pid=owner.pid, reason=reason)
-        )
+        writes = journal.delete_owner(owner.uuid)
+        writes += [journal.lease_event("owner-dead", lease, reason) for lease in leases]
+        writes.append(journal.owner_event("owner-dead", owner.uuid, owner.pid, reason))
         while True:
             try:
-                await self.commit.submit(*ops)
+                await self.commit.submit(*writes)
                 break
             except JournalError:
                 # The owner is dead and its locks must go, but never before the journal
@@ -447,14 +440,12 @@ class LockService:
         )
         lease.settled = self.loop.create_future()
         self.table.add(lease)
-        row = lease.row()
-
-        def insert() -> None:
-            lease.id = self.journal.insert_lease(row)
-
         try:
             self.fdstore.add(lease.fdname, locked.fd)
-            await self.commit.submit(insert, self._event_op("acquire", lease))
+            await self.commit.submit(
+                journal.insert_lease(lease, "held"),
+                journal.lease_event("acquire", lease, at=lease.acquired_at),
+            )
         except BaseException as exc:
             # not journaled (or not parked in the fd store): nothing was granted
             lease.apply(Event.FAILED)
@@ -511,10 +502,9 @@ class LockService:
         lease.apply(Event.RELEASE)
         lease.settled = self.loop.create_future()
         failpoint.hit("release.before-commit")
-        lease_id = lease.id
         try:
             await self.commit.submit(
-                lambda: self.journal.delete_lease(lease_id), self._event_op(event, lease, reason)
+                journal.delete_lease(lease.token), journal.lease_event(event, lease, reason)
             )
         except JournalError:
             lease.apply(Event.FAILED)
@@ -569,10 +559,6 @@ class LockService:
         return out
 
     # -- helpers --------------------------------------------------------------------------
-    def _event_op(self, event: str, lease: Lease, reason: str | None = None) -> Callable[[], None]:
-        fields = lease.event_fields()
-        return lambda: self.journal.event(event, reason=reason, **fields)
-
     def _drop(self, lease: Lease) -> None:
         """After the release is journaled: FDSTOREREMOVE, unlock, close, forget."""
         if lease.fd is not None:

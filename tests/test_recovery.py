@@ -179,3 +179,76 @@ def test_symlink_retargeted_while_down(daemon: Daemon, owners: Owners, files: li
     assert probe(files[0]) == "exclusive"
     [x] = daemon.leases()
     assert x["state"] == "held" and x["token"] == lease["token"], x
+
+
+def test_journal_of_schema_002_is_migrated_with_its_leases(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    """A journal as lockd left it before migration 003 (leases keyed by id, a resources
+    table): the new daemon migrates it and re-takes its leases with their tokens, and the
+    last token of a resource that only history remembers still gates a hand-off."""
+    from lockd.journal import _apply_migrations
+
+    o = daemon.register(owners.spawn().pid, name="vm-old")["uuid"]
+    daemon.stop()
+    journal = daemon.state_dir / "journal.sqlite"
+    db = sqlite3.connect(journal)
+    owner = db.execute("SELECT * FROM owners WHERE uuid = ?", (o,)).fetchone()
+    (boot,) = db.execute("SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
+    db.close()
+    for p in daemon.state_dir.glob("journal.sqlite*"):
+        p.unlink()
+
+    db = sqlite3.connect(journal, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    _apply_migrations(db, {"001_initial", "002_fewer_pages"})
+    now = time.time()
+
+    def rkey(f: Path) -> str:
+        st = f.stat()
+        return f"{st.st_dev}:{st.st_ino}"
+
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [("boot_id", boot), ("last_token", "1033"), ("created_at", str(now))],
+    )
+    db.execute("INSERT INTO owners VALUES (?, ?, ?, ?, ?, ?, ?, ?)", owner)
+    held = [(files[0], "exclusive", 7), (files[1], "shared", 9)]
+    for i, (f, mode, token) in enumerate(held):
+        db.execute(
+            "INSERT INTO leases (id, owner, lockspace, rkey, resource, path, mode, token, state,"
+            " acquired_at, fdname) VALUES (?, ?, '', ?, ?, ?, ?, ?, 'held', ?, ?)",
+            (i + 1, o, rkey(f), str(f), str(f), mode, token, now, f"l{i}"),
+        )
+    # files[2]: granted token 3 once, released since; only history and resources know it
+    for f, mode, token in [*held, (files[2], "exclusive", 3)]:
+        db.execute("INSERT INTO resources VALUES ('', ?, ?, ?)", (rkey(f), token, now))
+        db.execute(
+            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode)"
+            " VALUES (?, 'acquire', '', ?, ?, ?, ?, ?, ?)",  # '': the direct lockspace
+            (now, str(f), rkey(f), o, owner[2], token, mode),
+        )
+    db.execute("COMMIT")
+    db.close()
+
+    daemon.start()
+    assert probe(files[0]) == "exclusive" and probe(files[1]) == "shared"
+    assert probe_setlk_elsewhere(files[0]) == "held"
+    got = {x["resource"]: (x["mode"], x["token"]) for x in daemon.inquire(owner=o)["leases"]}
+    assert got == {str(f): (mode, token) for f, mode, token in held}
+    # the fencing sequence continues above the stored bound
+    assert daemon.acquire(files[3], owner=o)["token"] > 1033
+    # a hand-off expecting another token than 3 is refused, expecting 3 is granted
+    with Conn(daemon.socket) as c:
+        err = c.call_raw("io.lockd.Acquire", {"owner": o, "resource": str(files[2]), "token": 4})
+        assert err["error"] == "io.lockd.TokenMismatch", err
+    assert daemon.acquire(files[2], owner=o, token=3)["state"] == "held"
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        migrations = {r[0] for r in db.execute("SELECT name FROM _sqlite_migrations")}
+    finally:
+        db.close()
+    assert "resources" not in tables and "events_by_resource" in tables
+    assert "003_token_keys" in migrations
