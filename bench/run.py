@@ -330,16 +330,24 @@ def run_journal(ctx: Ctx) -> dict[str, Any]:
 
 
 def _count_events(path: Path) -> int | None:
+    """History rows in the journal; read from a copy, as the running daemon holds the
+    journal's exclusive lock."""
+    import shutil
     import sqlite3
+    import tempfile
 
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in (path, path.with_name(path.name + "-wal")):
+            if src.exists():
+                shutil.copyfile(src, Path(tmp) / src.name)
         try:
-            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
+            conn = sqlite3.connect(Path(tmp) / path.name)
+            try:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return None
 
 
 def run_profile(ctx: Ctx, outdir: Path) -> dict[str, Any]:

@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     # tests/test_faults.py). Every such path aborts instead: recovery brings the state back.
     sys.unraisablehook = _abort_on_memory_error
     try:
-        return asyncio.run(Daemon(config).run())
+        with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
+            return runner.run(Daemon(config).run())
     except Fatal as exc:
         print(f"lockd: {exc}", file=sys.stderr)
         return exc.code
@@ -369,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         # MemoryError, or anything the daemon did not expect (SystemError from a loop that
         # ran out of memory): a crash either way, and a crash is an abort (DESIGN §8)
         os.abort()
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        import uvloop  # imported here: lockctl and the client never need it
+
+        return uvloop.new_event_loop
+    return None  # asyncio's default
 
 
 def _abort_on_memory_error(unraisable: Any) -> None:

@@ -58,6 +58,8 @@ _INSERT_EVENT = (
     "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode, reason)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The hot path's statements, which a group commit may regroup (see service.GroupCommit)
+REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _INSERT_EVENT)
 _PUT_OWNER = (
     "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
     " registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -257,6 +259,13 @@ class Journal:
                 # handful of rows in as many tables, so small pages mean fewer bytes per
                 # commit (only a new file takes it; a WAL database keeps its page size).
                 conn.execute("PRAGMA page_size=1024")
+                # Exclusive locking, set before the first WAL access: SQLite then keeps the
+                # WAL index in our heap instead of a -shm file and takes the file lock once,
+                # not ~6 fcntl() calls per transaction (strace of bench/ pairs: 30% of the
+                # daemon's syscall time). It also means no other process can hold a read
+                # lock that stalls our checkpoints or commits; readers (lockctl dump, tests)
+                # read while lockd is down, or a copy of the files.
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")
                 # a checkpoint resets the WAL; without a limit it keeps its largest size
@@ -267,6 +276,14 @@ class Journal:
                 # corruption a schema read does not touch (a page of a table) shows here
                 if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise JournalUnreadable(f"{path} is corrupt (PRAGMA quick_check)")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                # the running daemon's exclusive lock (see the PRAGMA above)
+                raise JournalUnreadable(
+                    f"{path} is in use by a running lockd; ask it (lockctl list, lockctl"
+                    " history) or stop it first"
+                ) from None
+            raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
 

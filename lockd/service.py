@@ -33,7 +33,7 @@ import uuid as uuidlib
 from collections.abc import Iterable
 from typing import Any
 
-from lockd import failpoint, journal, ofd, process
+from lockd import failpoint, ofd, process
 from lockd.config import Config
 from lockd.errors import (
     InvalidParameter,
@@ -47,7 +47,18 @@ from lockd.errors import (
     ResourceBusy,
     TokenMismatch,
 )
-from lockd.journal import Journal, Write
+from lockd.journal import (
+    REGROUPED,
+    Journal,
+    Write,
+    delete_lease,
+    delete_owner,
+    insert_lease,
+    lease_event,
+    owner_event,
+    put_owner,
+    set_meta,
+)
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
 from lockd.notify import FdStore
@@ -64,12 +75,22 @@ TOKEN_BLOCK = 1024
 
 
 class GroupCommit:
-    """Batch the journal writes of requests that arrive together into one transaction."""
+    """Batch the journal writes of requests that arrive together into one transaction.
+
+    Within a batch, the writes of the hot path (lease inserts, lease deletes, history events)
+    are gathered per statement, so that N requests cost three ``executemany`` calls rather
+    than 2N ``execute``; every other write runs first, in submission order. Regrouping is
+    safe because no two of them in one batch touch the same row: a release waits until its
+    lease's acquire has settled (so a lease is never inserted and deleted in one batch), an
+    owner's death waits for its leases to settle and forgets the owner first (so no insert
+    races the owner's ``DELETE ... WHERE owner``), and events keep their relative order.
+    """
 
     def __init__(self, journal: Journal, loop: asyncio.AbstractEventLoop) -> None:
         self.journal = journal
         self.loop = loop
-        self._writes: list[Write] = []
+        self._writes: list[Write] = []  # in submission order
+        self._runs: dict[str, list[Write]] = {sql: [] for sql in REGROUPED}
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
         # the token sequence: allocated in memory, stored by the batch that grants it
@@ -82,7 +103,8 @@ class GroupCommit:
 
     def submit(self, *writes: Write) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.loop.create_future()
-        self._writes.extend(writes)
+        for write in writes:
+            self._runs.get(write[0], self._writes).append(write)
         self._waiters.append(fut)
         if not self._scheduled:
             self._scheduled = True
@@ -94,6 +116,9 @@ class GroupCommit:
         self._writes, self._waiters, self._scheduled = [], [], False
         if not waiters:
             return
+        for run in self._runs.values():
+            writes += run
+            run.clear()
         token = self.last_token
         reserve = self._stored_token
         if token > reserve:
@@ -101,7 +126,7 @@ class GroupCommit:
             # grants. Recovery starts above the bound, so a token that was ever replied is
             # never reused; a crash skips the rest of a block.
             reserve = token + TOKEN_BLOCK
-            writes.append(journal.set_meta("last_token", str(reserve)))
+            writes.append(set_meta("last_token", str(reserve)))
         try:
             self.journal.commit(writes)
         except JournalError as exc:
@@ -232,7 +257,7 @@ class LockService:
             if changed:  # re-registering may rename the owner or change its fence policy
                 existing.name = name if name is not None else existing.name
                 existing.fence = fence if fence is not None else existing.fence
-                await self.commit.submit(journal.put_owner(existing.row()))
+                await self.commit.submit(put_owner(existing.row()))
             return existing
         if by_pid is not None:
             raise InvalidParameter(
@@ -256,8 +281,8 @@ class LockService:
         self._registering[uuid] = self.loop.create_future()
         try:
             await self.commit.submit(
-                journal.put_owner(owner.row()),
-                journal.owner_event("register", uuid, pid, owner.name),
+                put_owner(owner.row()),
+                owner_event("register", uuid, pid, owner.name),
             )
         except JournalError:
             self.forget_owner(owner)
@@ -310,9 +335,9 @@ class LockService:
             lease.apply(Event.RELEASE)
             lease.settled = self.loop.create_future()
         failpoint.hit("owner-death.before-commit")
-        writes = journal.delete_owner(owner.uuid)
-        writes += [journal.lease_event("owner-dead", lease, reason) for lease in leases]
-        writes.append(journal.owner_event("owner-dead", owner.uuid, owner.pid, reason))
+        writes = delete_owner(owner.uuid)
+        writes += [lease_event("owner-dead", lease, reason) for lease in leases]
+        writes.append(owner_event("owner-dead", owner.uuid, owner.pid, reason))
         while True:
             try:
                 await self.commit.submit(*writes)
@@ -443,8 +468,8 @@ class LockService:
         try:
             self.fdstore.add(lease.fdname, locked.fd)
             await self.commit.submit(
-                journal.insert_lease(lease, "held"),
-                journal.lease_event("acquire", lease, at=lease.acquired_at),
+                insert_lease(lease, "held"),
+                lease_event("acquire", lease, at=lease.acquired_at),
             )
         except BaseException as exc:
             # not journaled (or not parked in the fd store): nothing was granted
@@ -503,9 +528,7 @@ class LockService:
         lease.settled = self.loop.create_future()
         failpoint.hit("release.before-commit")
         try:
-            await self.commit.submit(
-                journal.delete_lease(lease.token), journal.lease_event(event, lease, reason)
-            )
+            await self.commit.submit(delete_lease(lease.token), lease_event(event, lease, reason))
         except JournalError:
             lease.apply(Event.FAILED)
             self._settle(lease)

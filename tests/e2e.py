@@ -895,12 +895,21 @@ class AbortCatcher:
 
 def journal_leases(state_dir: Path) -> dict[tuple[str, str], tuple[str, int, str]]:
     """(owner uuid, resource) -> (mode, token, state) as committed in the journal right now,
-    read with SQLite directly (read-only; the daemon may be running, stopped or dead)."""
+    read with SQLite directly. The daemon may be running, stopped or dead: while it lives it
+    holds the journal's exclusive lock, so this reads a copy of the database and its WAL,
+    which is exactly what a restart would recover (every committed frame, nothing else)."""
+    import shutil
     import sqlite3
+    import tempfile
 
-    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = db.execute("SELECT owner, resource, mode, token, state FROM leases").fetchall()
-    finally:
-        db.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix in ("", "-wal"):
+            src = state_dir / f"journal.sqlite{suffix}"
+            if src.exists():
+                shutil.copyfile(src, Path(tmp) / src.name)
+        db = sqlite3.connect(Path(tmp) / "journal.sqlite")
+        try:
+            rows = db.execute("SELECT owner, resource, mode, token, state FROM leases").fetchall()
+        finally:
+            db.close()
     return {(o, r): (m, t, s) for o, r, m, t, s in rows}

@@ -113,6 +113,14 @@ def test_usage_errors_are_exit_2(daemon: Daemon, files: list[Path]) -> None:
     assert probe(files[0]) == "free"
 
 
+def test_dump_while_lockd_runs_says_so(daemon: Daemon) -> None:
+    """The running daemon holds its journal exclusively: dump names that, without a trace."""
+    out = lockctl("dump", "--state-dir", str(daemon.state_dir))
+    assert out.returncode == 1, out
+    assert "in use by a running lockd" in out.stderr and "Traceback" not in out.stderr
+    daemon.assert_alive()
+
+
 def test_dump_with_daemon_down(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
     p = owners.spawn()
     o = daemon.register(p.pid, name="vm-dump")["uuid"]

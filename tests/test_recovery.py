@@ -79,15 +79,17 @@ def test_journal_from_another_boot_is_not_replayed(
     assert daemon.status()["recovery"]["host_rebooted"] == 4
     assert not [e for e in events if e["event"] in ("retaken", "lost")]
     assert owner.poll() is None, "no fencing for a journal from another boot"
-    # the journal now carries this boot's id, and tokens still never go back
+    # tokens never go back, and the journal now carries this boot's id (read after a stop:
+    # the running daemon holds the journal exclusively)
+    o2 = daemon.register(owner.pid)["uuid"]
+    assert daemon.acquire(files[0], owner=o2)["token"] > max(tokens)
+    daemon.stop()
     db = sqlite3.connect(journal)
     try:
         (boot,) = db.execute("SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
     finally:
         db.close()
     assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    o2 = daemon.register(owner.pid)["uuid"]
-    assert daemon.acquire(files[0], owner=o2)["token"] > max(tokens)
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
@@ -143,15 +145,22 @@ def test_recovery_waits_in_backlog(daemon: Daemon, owners: Owners, files: list[P
 
 
 def test_state_dir_files(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
-    """The journal is SQLite in WAL mode in the state directory."""
+    """The journal is SQLite in WAL mode in the state directory, locked exclusively by the
+    running daemon (no other process can stall its commits) and readable once it is down."""
     o = daemon.register(owners.spawn().pid)["uuid"]
     daemon.acquire(files[0], owner=o)
     journal = daemon.state_dir / "journal.sqlite"
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=0.2)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        db.execute("SELECT count(*) FROM leases").fetchone()
+    db.close()
+    daemon.kill()
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert "meta" in tables
+        assert db.execute("SELECT count(*) FROM leases").fetchone()[0] == 1
     finally:
         db.close()
     assert os.stat(daemon.state_dir).st_mode & 0o002 == 0
@@ -244,6 +253,7 @@ def test_journal_of_schema_002_is_migrated_with_its_leases(
         err = c.call_raw("io.lockd.Acquire", {"owner": o, "resource": str(files[2]), "token": 4})
         assert err["error"] == "io.lockd.TokenMismatch", err
     assert daemon.acquire(files[2], owner=o, token=3)["state"] == "held"
+    daemon.stop()
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
