@@ -249,14 +249,24 @@ def fdname_of(index: int) -> str:
     return "".join(reversed(chars))
 
 
+_DIGIT = {c: i for i, c in enumerate(_ALPHABET)}
+# _SHORTER[n]: how many names are shorter than n characters (a recovery maps every stored
+# name back to its index: this is arithmetic per character, not a search)
+_SHORTER: list[int] = [0, 0] + [
+    sum(int(len(_ALPHABET) ** k) for k in range(1, n)) for n in range(2, 9)
+]
+
+
 def fdname_index(name: str) -> int | None:
-    if not name or any(c not in _ALPHABET for c in name):
+    if not name or len(name) >= len(_SHORTER):
         return None
-    index = sum(int(len(_ALPHABET) ** n) for n in range(1, len(name)))
     value = 0
     for c in name:
-        value = value * len(_ALPHABET) + _ALPHABET.index(c)
-    return index + value
+        digit = _DIGIT.get(c)
+        if digit is None:
+            return None
+        value = value * len(_ALPHABET) + digit
+    return _SHORTER[len(name)] + value
 
 
 class FdNames:

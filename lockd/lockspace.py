@@ -80,13 +80,17 @@ class Lockspaces:
 
     def key(self, lockspace: str, resource: str) -> str | None:
         """The resource key without locking; None if a direct path cannot be stat'ed."""
+        return self.identify(lockspace, resource)[0]
+
+    def identify(self, lockspace: str, resource: str) -> tuple[str | None, os.stat_result | None]:
+        """The key, and for a direct resource the stat it came from (for :meth:`lock`)."""
         if lockspace != DIRECT:
-            return hashlib.sha256(resource.encode("utf-8", "surrogateescape")).hexdigest()
+            return hashlib.sha256(resource.encode("utf-8", "surrogateescape")).hexdigest(), None
         try:
             st = os.stat(resource)
         except OSError:
-            return None
-        return direct_key(st.st_dev, st.st_ino)
+            return None, None
+        return direct_key(st.st_dev, st.st_ino), st
 
     def lease_path(self, lockspace: str, resource: str, rkey: str) -> str:
         if lockspace == DIRECT:
@@ -101,15 +105,17 @@ class Lockspaces:
         exclusive: bool,
         path: str | None = None,
         check: Callable[[os.stat_result], None] | None = None,
+        seen: os.stat_result | None = None,
     ) -> Locked:
         """Lock the resource's file (``path``, default: where the resource leads now). For
         direct resources the file must still be the inode the key names (the path may now
-        lead elsewhere: then it is another resource), checked before the lock is taken."""
+        lead elsewhere: then it is another resource), checked before the lock is taken.
+        ``seen``: the stat :meth:`identify` just made of that path, which spares a second."""
         path = path or self.lease_path(lockspace, resource, rkey)
         if lockspace != DIRECT:
             return ofd.lock_lease_file(path, exclusive, resource)
         dev, _, ino = rkey.partition(":")
         try:
-            return ofd.lock_existing(path, exclusive, (int(dev), int(ino)), check)
+            return ofd.lock_existing(path, exclusive, (int(dev), int(ino)), check, seen)
         except InvalidResource as exc:
             raise _invalid(resource, str(exc.parameters.get("reason", exc))) from None

@@ -108,14 +108,17 @@ def lock_existing(
     exclusive: bool,
     inode: tuple[int, int] | None = None,
     check: Callable[[os.stat_result], None] | None = None,
+    seen: os.stat_result | None = None,
 ) -> Locked:
     """Open an existing regular file or block device and lock byte 0 (direct lockspace).
 
     With ``inode`` = (dev, ino), the opened file must be that one, checked *before* locking:
-    a path that now leads elsewhere must not get a lock, even for an instant.
+    a path that now leads elsewhere must not get a lock, even for an instant. The type is
+    checked by ``stat`` before ``open`` (opening a device can have side effects; ``seen`` is
+    that stat when the caller just made it) and again by ``fstat`` after.
     """
     try:
-        st = os.stat(path)
+        st = seen if seen is not None else os.stat(path)
     except OSError as exc:
         raise _os_error(exc, path) from None
     if not _lockable(st.st_mode):

@@ -139,7 +139,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             lockspace=row["lockspace"],
             rkey=row["rkey"],
             resource=row["resource"],
-            path=row["path"],
+            # one string for both when they are equal, as in the daemon that journaled it
+            path=row["resource"] if row["path"] == row["resource"] else row["path"],
             mode=row["mode"],
             token=row["token"],
             acquired_at=row["acquired_at"],
