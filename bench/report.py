@@ -239,13 +239,25 @@ def rows(reps: list[Rep], once: dict[str, Any], steps: list[int], clients: list[
             ("open+lock N files", open_lock),
         )
         t.row(f"{n:,} leases: re-taken", "leases", L + s + ("retaken",))
-    skipped = next((get(r, L + ("fdstore", "skipped")) for r in t.reps), None)
-    t.row(
-        "fd-store path (systemd keeps the lease fds)",
-        "ms",
-        None,
-        target=f"not measured: {skipped}" if skipped else "",
-    )
+    fd = once.get("fdstore") or {"skipped": "skipped (--skip fdstore)"}
+    if fd.get("steps"):
+        t.section = "restart: kill -9 → READY=1 under systemd, lease fds kept in its fd store"
+        for n, s in fd["steps"].items():
+            t.row(
+                f"{int(n):,} leases (one run)",
+                "ms",
+                s["kill_to_ready_s"] * 1000,
+                ("exec → READY", s["exec_to_ready_s"] * 1000),
+            )
+            t.row(f"{int(n):,} leases: recovery inside the daemon", "ms", s["recovery_ms"])
+            t.row(f"{int(n):,} leases: adopted from the store (no gap)", "leases", s["adopted"])
+    else:
+        t.row(
+            "fd-store path (systemd keeps the lease fds)",
+            "ms",
+            None,
+            target=f"not measured: {fd.get('skipped')}",
+        )
 
     j = once.get("journal")
     if j and j.get("checkpoints"):
