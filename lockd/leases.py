@@ -143,10 +143,11 @@ class Lease:
     continuity: str = "new"
     # set while a commit is in flight; done when the lease settles
     settled: asyncio.Future[None] | None = None
+    # (lockspace, rkey): made once, shared by the owner's and the resource's index
+    key: tuple[str, str] = field(init=False)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.lockspace, self.rkey)
+    def __post_init__(self) -> None:
+        self.key = (self.lockspace, self.rkey)
 
     @property
     def exclusive(self) -> bool:
