@@ -36,6 +36,9 @@ def _invalid(resource: str, reason: str) -> InvalidResource:
     return InvalidResource(f"{resource!r}: {reason}", resource=resource[:256], reason=reason)
 
 
+_NOT_NORMAL = frozenset(("", ".", ".."))
+
+
 def check_path(path: str) -> None:
     if not path:
         raise _invalid(path, "empty resource")
@@ -45,11 +48,16 @@ def check_path(path: str) -> None:
         raise _invalid(path, f"longer than {MAX_PATH - 1} bytes")
     if not path.startswith("/"):
         raise _invalid(path, "not an absolute path")
-    # normpath keeps exactly two leading slashes (POSIX leaves "//" implementation-defined)
-    if os.path.normpath(path) != path or path.startswith("//"):
-        raise _invalid(path, "not a normalized path (no '.', '..', '//' or trailing '/')")
-    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME for part in path.split("/")):
-        raise _invalid(path, f"a path component is longer than {MAX_NAME} bytes")
+    if path == "/":
+        return
+    # normalized (what os.path.normpath would leave unchanged, and no leading "//", which
+    # POSIX leaves implementation-defined): no empty, "." or ".." component after the root
+    for part in path[1:].split("/"):
+        if part in _NOT_NORMAL:
+            raise _invalid(path, "not a normalized path (no '.', '..', '//' or trailing '/')")
+        # a UTF-8 character is at most 4 bytes: only a long part needs encoding to measure
+        if len(part) * 4 > MAX_NAME and len(part.encode("utf-8", "surrogateescape")) > MAX_NAME:
+            raise _invalid(path, f"a path component is longer than {MAX_NAME} bytes")
 
 
 def direct_key(dev: int, ino: int) -> str:

@@ -176,7 +176,8 @@ class Connection(asyncio.Protocol):
         try:
             while not self.closed.done():  # calls still queued from a closed peer are dropped
                 if not self.queue:
-                    self._decode(b"")  # calls left buffered in the decoder
+                    if self.decoder.pending:
+                        self._decode(b"")  # calls left buffered in the decoder
                     if not self.queue:
                         break
                     # a handler that never awaits never yields: let other peers in between
