@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,6 +237,7 @@ class LeaseTable:
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
+@functools.lru_cache(maxsize=4096)  # names are reused, smallest first: the same few recur
 def fdname_of(index: int) -> str:
     """The index-th name in shortest-first order: 0..9A..z, then 00, 01, ..."""
     length, span = 1, len(_ALPHABET)

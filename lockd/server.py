@@ -188,7 +188,8 @@ class Connection(asyncio.Protocol):
                     await self._writable
                     continue
                 msg = self.queue.popleft()
-                self._flow()
+                if self.transport is not None and not self.transport.is_reading():
+                    self._flow()  # paused: the queue may have room again
                 await self._handle(msg)
         finally:
             self.worker = None
