@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class State(enum.Enum):
+# str-valued enums: their hash is str's (C), and the transition table is looked up on
+# every grant and release
+class State(enum.StrEnum):
     RECOVERING = "recovering"
     ACQUIRING = "acquiring"
     HELD = "held"
@@ -44,7 +46,7 @@ class State(enum.Enum):
     RELEASED = "released"
 
 
-class Event(enum.Enum):
+class Event(enum.StrEnum):
     COMMITTED = "committed"
     FAILED = "failed"
     RELEASE = "release"

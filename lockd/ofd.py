@@ -24,7 +24,6 @@ named error with no fd left open.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -209,10 +208,15 @@ def unlock_and_close(fd: int) -> None:
     elsewhere (a copy in systemd's fd store, or inherited across re-exec): closing our fd
     alone would leave the lock held there.
     """
-    with contextlib.suppress(OSError):  # EBADF: nothing left to unlock
+    # try/except, not contextlib.suppress (an object per call): this runs on every release
+    try:  # noqa: SIM105
         fcntl.fcntl(fd, F_OFD_SETLK, _UN)
-    with contextlib.suppress(OSError):
+    except OSError:  # EBADF: nothing left to unlock
+        pass
+    try:  # noqa: SIM105
         os.close(fd)
+    except OSError:
+        pass
 
 
 def holder(path: str) -> str | None:

@@ -24,7 +24,6 @@ its own uid.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -495,9 +494,10 @@ class LockService:
 
     # -- release --------------------------------------------------------------------------
     def _find(self, owner: Owner, ls: str, resource: str) -> tuple[Lease | None, str | None]:
-        rkey = None
-        with contextlib.suppress(LockdError):
+        try:
             rkey = self.lockspaces.key(ls, resource)
+        except LockdError:
+            rkey = None
         if rkey is not None and (ls, rkey) in owner.leases:
             return owner.leases[(ls, rkey)], rkey
         # the file may be gone, or now another inode: match by the name it was taken with
