@@ -375,7 +375,8 @@ class Journal:
     def resource_token(self, lockspace: str, rkey: str) -> int:
         """The last token granted on a resource, as far as history remembers."""
         row = self.conn.execute(
-            "SELECT max(token) FROM events WHERE lockspace = ? AND rkey = ?", (lockspace, rkey)
+            "SELECT max(token) FROM events WHERE event = 'acquire' AND lockspace = ? AND rkey = ?",
+            (lockspace, rkey),
         ).fetchone()
         return 0 if row is None or row[0] is None else int(row[0])
 
@@ -395,17 +396,23 @@ class Journal:
 
     # -- history --------------------------------------------------------------------------
     def last_release(self, owner: str, lockspace: str, rkey: str) -> dict[str, Any] | None:
-        """The newest event of (owner, resource) if it ended the lease, for idempotent
-        Release: repeating a release whose reply was lost answers the same."""
-        rows = self._dicts(
-            # events_by_resource, walked from the newest token: an owner's newest lease on
-            # a resource has its highest token there, and its events are ordered by seq
-            "SELECT event, token, mode, resource FROM events"
-            " WHERE lockspace = ? AND rkey = ? AND owner = ? ORDER BY token DESC, seq DESC"
-            " LIMIT 1",
+        """How the owner's newest lease on the resource ended, if it has: for idempotent
+        Release (repeating a release whose reply was lost answers the same)."""
+        grant = self.conn.execute(
+            # events_by_resource holds grants only, walked from the newest token
+            "SELECT token, seq FROM events WHERE event = 'acquire' AND lockspace = ?"
+            " AND rkey = ? AND owner = ? ORDER BY token DESC LIMIT 1",
             (lockspace, rkey, owner),
+        ).fetchone()
+        if grant is None:
+            return None
+        # its later events, newest first: a rowid range from the end back to the grant
+        rows = self._dicts(
+            "SELECT event, token, mode, resource FROM events WHERE seq > ? AND token = ?"
+            " ORDER BY seq DESC LIMIT 1",
+            (grant[1], grant[0]),
         )
-        if rows and rows[0]["event"] != "acquire":
+        if rows and rows[0]["event"] not in ("retaken", "lost"):
             return rows[0]
         return None
 
