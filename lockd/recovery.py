@@ -132,19 +132,20 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     alive = {u: process.is_same_process(o.pid, o.start_time, o.boot_id) for u, o in owners.items()}
     to_fence: dict[str, list[Lease]] = {}
     first_retake = True
-    for row in snap.leases:
-        owner = owners[row["owner"]]
+    # the row's columns: journal.LEASE_COLUMNS
+    for token, uuid, ls, rkey, resource, path, mode, state, at, fdname in snap.leases:
+        owner = owners[uuid]
         lease = Lease(
             owner=owner,
-            lockspace=row["lockspace"],
-            rkey=row["rkey"],
-            resource=row["resource"],
+            lockspace=ls,
+            rkey=rkey,
+            resource=resource,
             # one string for both when they are equal, as in the daemon that journaled it
-            path=row["resource"] if row["path"] == row["resource"] else row["path"],
-            mode=row["mode"],
-            token=row["token"],
-            acquired_at=row["acquired_at"],
-            fdname=row["fdname"],
+            path=resource if path == resource else path,
+            mode=mode,
+            token=token,
+            acquired_at=at,
+            fdname=fdname,
             state=State.RECOVERING,
         )
         last_token = max(last_token, lease.token)
@@ -157,7 +158,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             writes.append(delete_lease(lease.token))
             events.append(lease_event("owner-dead", lease, "owner exited while lockd was down"))
             continue
-        if row["state"] == "lost":
+        if state == "lost":
             lease.apply(Event.LOSE)
             lease.continuity = "lost"
             table.add(lease)
