@@ -14,10 +14,11 @@ retention limit so that neither the file nor recovery grows with the operations 
   ``COMMIT`` returned. Writes are data (:data:`Write`, built by the functions below), so a
   batch runs as one ``executemany`` per statement rather than one call per request.
 - Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
-  :class:`~sqlite_utils.migrations.Migrations` (imported only when one is pending: its
-  import alone costs more than recovering thousands of leases); a journal carrying a
-  migration this build does not know was written by a newer lockd and is refused (never
-  downgraded in place). Transactions are plain ``BEGIN``/``COMMIT`` on the connection.
+  :class:`~sqlite_utils.migrations.Migrations`, in a child process and only when one is
+  pending (its import alone costs more time than recovering thousands of leases, and more
+  memory than 2,000 leases); a journal carrying a migration this build does not know was
+  written by a newer lockd and is refused (never downgraded in place). Transactions are
+  plain ``BEGIN``/``COMMIT`` on the connection.
 
 The fencing sequence is ``meta.last_token``: the server allocates tokens in memory and the
 batch that grants them stores the new maximum in the same transaction, so a token that was
@@ -29,6 +30,8 @@ from __future__ import annotations
 import itertools
 import operator
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from lockd.leases import Lease
 
 MIGRATION_SET = "lockd"
+PAGE_SIZE = 1024  # for new journals: see Journal.__init__
 
 # One journal write: a statement and its parameters. The daemon's hot path builds these with
 # the functions below and hands a batch of them to Journal.commit, which runs each run of the
@@ -152,8 +156,8 @@ def _migration_files() -> list[tuple[str, str]]:
 
 
 def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
-    # sqlite-utils is imported only here: it costs ~0.1-0.25 s of start-up, which every
-    # restart after a crash would pay, and it is needed only when the schema changes.
+    # sqlite-utils is imported only here, in the migrating child: it costs ~0.1-0.25 s of
+    # start-up, which every restart after a crash would pay, and ~3 MB that would stay.
     import sqlite_utils
     from sqlite_utils.migrations import Migrations
 
@@ -175,6 +179,37 @@ def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
 
         migrations(name=name)(apply)
     migrations.apply(sqlite_utils.Database(conn))
+
+
+def _migrate_in_child(path: Path, pending: set[str]) -> None:
+    """Apply migrations in a short-lived child process (``python -m lockd.journal``).
+
+    sqlite-utils, and what it imports (click, dateutil, ctypes, ...), would otherwise stay
+    in the daemon's memory for good after its first start: ~3 MB of RSS for a step taken
+    once per schema change. The child creates a new journal with the daemon's page size and
+    in WAL mode; the daemon opens the file only once the child is gone (it then holds the
+    file's lock for its whole life)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lockd.journal", str(path), *sorted(pending)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise JournalUnreadable(f"cannot migrate the lockd journal {path}: {lines[-1]}")
+
+
+def _migrate_main(argv: list[str]) -> int:
+    """The child of :func:`_migrate_in_child`: PATH MIGRATION..."""
+    conn = sqlite3.connect(argv[0], isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        _apply_migrations(conn, set(argv[1:]))
+    finally:
+        conn.close()
+    return 0
 
 
 def _applied(conn: sqlite3.Connection) -> set[str]:
@@ -259,11 +294,16 @@ class Journal:
                 uri = f"file:{path}?mode=ro" + ("" if wal else "&immutable=1")
                 conn = sqlite3.connect(uri, uri=True)
             else:
+                pending = {name for name, _ in _migration_files()}
                 if path.exists() and path.stat().st_size:
                     # Judge an existing file read-only first: a journal we refuse (newer,
                     # foreign, corrupt) must be left byte for byte as it was, and switching
                     # it to WAL or closing a writer on it would already rewrite it.
-                    Journal(path, readonly=True).close()
+                    judged = Journal(path, readonly=True)
+                    pending = judged._check_known()
+                    judged.close()
+                if pending:
+                    _migrate_in_child(path, pending)
                 conn = sqlite3.connect(str(path))
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
@@ -272,7 +312,7 @@ class Journal:
                 # A commit writes every page it touched, whole, to the WAL: a grant touches a
                 # handful of rows in as many tables, so small pages mean fewer bytes per
                 # commit (only a new file takes it; a WAL database keeps its page size).
-                conn.execute("PRAGMA page_size=1024")
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 # Exclusive locking, set before the first WAL access: SQLite then keeps the
                 # WAL index in our heap instead of a -shm file and takes the file lock once,
                 # not ~6 fcntl() calls per transaction (strace of bench/ pairs: 30% of the
@@ -322,8 +362,8 @@ class Journal:
 
     def _migrate(self) -> None:
         pending = self._check_known()
-        if pending:
-            _apply_migrations(self.conn, pending)
+        if pending:  # the child said it applied them; it did not
+            raise JournalUnreadable(f"{self.path}: migrations {sorted(pending)} not applied")
         if self.get_meta("created_at") is None:
             with self.transaction():
                 self.set_meta("created_at", str(time.time()))
@@ -491,3 +531,7 @@ def dump(state_dir: Path, history: int = 50) -> dict[str, Any]:
             }
     finally:
         journal.close()
+
+
+if __name__ == "__main__":
+    sys.exit(_migrate_main(sys.argv[1:]))
