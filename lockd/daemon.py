@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import functools
 import gc
 import logging
 import os
@@ -234,9 +233,8 @@ class Daemon:
         )
         notify.notify(f"READY=1\nSTATUS={server.status_line()}")
         # -- serve
-        timers = [
-            # history is bounded (DESIGN §4.5): prune it now and then, not on the hot path
-            Ticker(loop, 1.0, functools.partial(journal.prune, self.config.history_retention)),
+        timers: list[Ticker | Pruner] = [
+            Pruner(loop, journal, self.config.history_retention),
             Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}")),
         ]
         interval = notify.watchdog_interval()
@@ -297,6 +295,29 @@ class Ticker:
     def _tick(self) -> None:
         self.handle = self.loop.call_later(self.seconds, self._tick)  # first: fn may raise
         self.fn()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+class Pruner:
+    """History is bounded (DESIGN §4.5): delete what lies beyond the retention, in batches
+    small enough not to stall the loop, every second. A full batch means more is waiting
+    (a busy daemon writes more events a second than one batch: 16 clients, ~6,500), so the
+    next batch follows after 0.1 s until the backlog is gone."""
+
+    BATCH = 5000
+    IDLE, BUSY = 1.0, 0.1
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, journal: Journal, retention: int):
+        self.loop, self.journal, self.retention = loop, journal, retention
+        self.handle = loop.call_later(self.IDLE, self._run)
+
+    def _run(self) -> None:
+        self.handle = self.loop.call_later(self.IDLE, self._run)  # first: prune may raise
+        if self.journal.prune(self.retention, self.BATCH) >= self.BATCH:
+            self.handle.cancel()
+            self.handle = self.loop.call_later(self.BUSY, self._run)
 
     def cancel(self) -> None:
         self.handle.cancel()

@@ -3,16 +3,18 @@ restarts (issue item 5, DESIGN §4.3 and §5)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e import TREE, Conn, Daemon, Owners, probe, probe_setlk_elsewhere
+from e2e import TREE, Conn, Daemon, Owners, probe, probe_setlk_elsewhere, wait_until
 
 
 @pytest.mark.parametrize("sockets", ["same-sockets", "other-sockets"])
@@ -262,3 +264,37 @@ def test_journal_of_schema_002_is_migrated_with_its_leases(
         db.close()
     assert "resources" not in tables and "events_by_resource" in tables
     assert "003_token_keys" in migrations
+
+
+def test_history_is_pruned_to_its_retention(
+    make_daemon: Callable[..., Daemon], owners: Owners, files: list[Path]
+) -> None:
+    """Bounded growth (DESIGN §4.5): history keeps the newest ``history_retention`` events,
+    on disk too, even when a burst leaves more than one pruning batch (5,000) behind; the
+    fencing tokens keep growing past what was pruned."""
+    retention = 100
+    d = make_daemon(config=f"history_retention = {retention}\n")
+    o = d.register(owners.spawn().pid)["uuid"]
+    n, window = 3000, 100  # 6,000 events, pipelined a hundred pairs at a time
+    acq = json.dumps(
+        {"method": "io.lockd.Acquire", "parameters": {"owner": o, "resource": str(files[0])}}
+    )
+    rel = json.dumps(
+        {"method": "io.lockd.Release", "parameters": {"owner": o, "resource": str(files[0])}}
+    )
+    with Conn(d.socket) as c:
+        for _ in range(n // window):
+            c.send_raw((acq + "\0" + rel + "\0").encode() * window)
+            replies = [c.recv_message() for _ in range(2 * window)]
+            assert not [r for r in replies if "error" in r], replies[:2]
+    t0 = time.monotonic()
+    wait_until(lambda: len(d.history(limit=100_000)) <= retention, 15, what="history pruned")
+    print(f"\n{2 * n} events pruned to {retention} within {time.monotonic() - t0:.2f} s")
+    assert d.acquire(files[1], owner=o)["token"] > n
+    d.stop()
+    db = sqlite3.connect(f"file:{d.state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        (kept,) = db.execute("SELECT count(*) FROM events").fetchone()
+    finally:
+        db.close()
+    assert kept <= retention + 1, kept
