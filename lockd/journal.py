@@ -338,7 +338,7 @@ class Journal:
             if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
                 # the running daemon's exclusive lock (see the PRAGMA above)
                 raise JournalUnreadable(
-                    f"{path} is in use by a running lockd; ask it (lockctl list, lockctl"
+                    f"{path} is in use by a running lockd; ask it (lockctl locks, lockctl"
                     " history) or stop it first"
                 ) from None
             raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
