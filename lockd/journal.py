@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 MIGRATION_SET = "lockd"
 PAGE_SIZE = 1024  # for new journals: see Journal.__init__
+# how far back Release's idempotency looks when the lease's grant is no longer in history
+RECENT_EVENTS = 10_000
 
 # One journal write: a statement and its parameters. The daemon's hot path builds these with
 # the functions below and hands a batch of them to Journal.commit, which runs each run of the
@@ -458,15 +460,24 @@ class Journal:
             " AND rkey = ? AND owner = ? ORDER BY token DESC LIMIT 1",
             (lockspace, rkey, owner),
         ).fetchone()
-        if grant is None:
-            return None
-        # its later events, newest first: a rowid range from the end back to the grant
-        rows = self._dicts(
-            "SELECT event, token, mode, resource FROM events WHERE seq > ? AND token = ?"
-            " ORDER BY seq DESC LIMIT 1",
-            (grant[1], grant[0]),
-        )
-        if rows and rows[0]["event"] not in ("retaken", "lost"):
+        if grant is not None:
+            # its later events, newest first: a rowid range from the end back to the grant
+            rows = self._dicts(
+                "SELECT event, token, mode, resource FROM events WHERE seq > ? AND token = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (grant[1], grant[0]),
+            )
+        else:
+            # A lease held for longer than the history keeps has lost its grant event; a
+            # release retried because its reply was lost is recent, so look among the
+            # newest events only (a bounded rowid range, not the whole history).
+            rows = self._dicts(
+                "SELECT event, token, mode, resource FROM events"
+                " WHERE seq > (SELECT max(seq) FROM events) - ? AND lockspace = ? AND rkey = ?"
+                " AND owner = ? ORDER BY seq DESC LIMIT 1",
+                (RECENT_EVENTS, lockspace, rkey, owner),
+            )
+        if rows and rows[0]["event"] not in ("acquire", "retaken", "lost"):
             return rows[0]
         return None
 

@@ -298,3 +298,26 @@ def test_history_is_pruned_to_its_retention(
     finally:
         db.close()
     assert kept <= retention + 1, kept
+
+
+def test_release_is_idempotent_after_its_grant_left_history(
+    make_daemon: Callable[..., Daemon], owners: Owners, files: list[Path]
+) -> None:
+    """A lease held for longer than history keeps (its grant event pruned): releasing it
+    twice, as a client whose first reply was lost would, answers the same both times."""
+    d = make_daemon(config="history_retention = 10\n")
+    o = d.register(owners.spawn().pid)["uuid"]
+    token = d.acquire(files[0], owner=o)["token"]
+    for _ in range(10):
+        d.acquire(files[1], owner=o)
+        d.release(files[1], owner=o)
+    wait_until(
+        lambda: not [e for e in d.history(limit=100) if e["token"] == token],
+        10,
+        what="the grant to leave history",
+    )
+    first = d.release(files[0], owner=o)
+    again = d.release(files[0], owner=o)
+    assert first["state"] == "released" and first["token"] == token
+    assert again == first
+    assert probe(files[0]) == "free"
