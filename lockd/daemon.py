@@ -205,7 +205,9 @@ class Daemon:
             ofd.unlock_and_close(fd)
         commit = GroupCommit(journal, loop)
         commit.last_token = outcome.last_token
-        service = LockService(self.config, journal, commit, outcome.table, fdstore, loop)
+        service = LockService(
+            self.config, journal, commit, lockspaces, outcome.table, fdstore, loop
+        )
         for owner in list(outcome.table.owners.values()):
             if not service.watch_owner(owner):
                 loop.create_task(service.owner_died(owner, "owner exited during recovery"))

@@ -72,7 +72,8 @@ _PUT_OWNER = (
 )
 
 
-def insert_lease(lease: Lease, state: str) -> Write:
+def insert_lease(lease: Lease) -> Write:
+    """A new lease: held (a lease becomes lost only in recovery, by set_lease_state)."""
     return (
         _INSERT_LEASE,
         (
@@ -83,7 +84,7 @@ def insert_lease(lease: Lease, state: str) -> Write:
             lease.resource,
             lease.path,
             lease.mode,
-            state,
+            "held",
             lease.acquired_at,
             lease.fdname,
         ),

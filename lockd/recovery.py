@@ -32,7 +32,6 @@ from lockd.errors import InvalidResource, PermissionDenied, ResourceBusy
 from lockd.journal import (
     Journal,
     Write,
-    delete_lease,
     delete_owner,
     lease_event,
     owner_event,
@@ -155,7 +154,6 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             report.released += 1
             if fd is not None:
                 stored[lease.fdname] = fd  # closed by the caller after this commit
-            writes.append(delete_lease(lease.token))
             events.append(lease_event("owner-dead", lease, "owner exited while lockd was down"))
             continue
         if state == "lost":

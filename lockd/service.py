@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lockd import failpoint, ofd, process
-from lockd.config import Config
+from lockd.config import FENCE_POLICIES, Config
 from lockd.errors import (
     InvalidParameter,
     JournalError,
@@ -177,6 +177,7 @@ class LockService:
         config: Config,
         journal: Journal,
         commit: GroupCommit,
+        lockspaces: Lockspaces,
         table: LeaseTable,
         fdstore: FdStore,
         loop: asyncio.AbstractEventLoop,
@@ -187,7 +188,7 @@ class LockService:
         self.table = table
         self.fdstore = fdstore
         self.loop = loop
-        self.lockspaces = Lockspaces(config.lockspaces)
+        self.lockspaces = lockspaces
         self.fdnames = FdNames([lease.fdname for lease in table.leases()])
         # owner uuid -> done when its first registration is journaled
         self._registering: dict[str, asyncio.Future[None]] = {}
@@ -212,7 +213,7 @@ class LockService:
     async def register(
         self, pid: int, uuid: str | None, name: str | None, fence: str | None, peer: process.Peer
     ) -> Owner:
-        if fence is not None and fence not in ("kill", "term", "none"):
+        if fence is not None and fence not in FENCE_POLICIES:
             raise InvalidParameter("fence must be kill, term or none", parameter="fence")
         start = process.start_time(pid)
         if start is None or pid <= 1:
@@ -378,8 +379,7 @@ class LockService:
         token: int | None,
         peer: process.Peer,
     ) -> Lease:
-        if mode not in MODES:
-            raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
+        # ``mode`` is one of MODES: the server checks it with the other parameters
         ls = self.lockspaces.canonical(lockspace)
         self.lockspaces.check(ls, resource)
         exclusive = mode == "exclusive"
@@ -473,7 +473,7 @@ class LockService:
         try:
             self.fdstore.add(lease.fdname, locked.fd)
             await self.commit.submit(
-                insert_lease(lease, "held"),
+                insert_lease(lease),
                 lease_event("acquire", lease, at=lease.acquired_at),
             )
         except BaseException as exc:

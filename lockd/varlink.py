@@ -78,16 +78,6 @@ class Decoder:
         rest stay buffered for the next call, which may pass ``b""``)."""
         if self._broken is not None:
             raise self._broken
-        if data and not self._buf and data.find(0) == len(data) - 1 and limit != 0:
-            # the common case, one whole call in one read with nothing buffered: no copy
-            # into the buffer and out again
-            try:
-                if len(data) - 1 > self.max_message:
-                    raise self._too_big()
-                return [loads(data[:-1])]
-            except ProtocolError as exc:
-                self._broken = exc
-                raise
         # Search for NUL only in what is new: a large message arriving in many small reads
         # would otherwise be rescanned from its start on every read (quadratic).
         scan = self._scanned
