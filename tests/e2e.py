@@ -50,27 +50,11 @@ READY_TIMEOUT = 15.0  # generous: a loaded 2-core machine
 EXIT_TIMEOUT = 15.0
 CALL_TIMEOUT = 15.0
 
-FALLBACK_POINTS = (
-    "acquire.before-lock",
-    "acquire.after-lock",
-    "acquire.after-commit",
-    "release.before-commit",
-    "release.after-commit",
-    "release.after-close",
-    "owner-death.before-commit",
-    "owner-death.after-commit",
-    "recovery.before-replay",
-    "recovery.mid-replay",
-    "recovery.before-ready",
-)
-
 
 def failpoints() -> tuple[str, ...]:
-    """Every failpoint of the daemon: ``lockd.failpoint.POINTS`` if it exists."""
-    try:
-        from lockd.failpoint import POINTS
-    except ImportError:
-        return FALLBACK_POINTS
+    """Every failpoint of the daemon."""
+    from lockd.failpoint import POINTS
+
     return tuple(POINTS)
 
 
@@ -173,6 +157,15 @@ def wait_until(pred: Any, timeout: float, interval: float = 0.01, what: str = "c
 # --- the wire ---------------------------------------------------------------------------------
 
 
+def message(method: str, params: dict[str, Any] | None = None, **extra: Any) -> bytes:
+    """One Varlink call, encoded and NUL-terminated."""
+    msg: dict[str, Any] = {"method": method}
+    if params is not None:
+        msg["parameters"] = params
+    msg.update(extra)
+    return json.dumps(msg).encode() + b"\0"
+
+
 class ConnectionLost(Exception):
     """The daemon closed the connection (or died) before replying."""
 
@@ -225,11 +218,7 @@ class Conn:
     def call_raw(
         self, method: str, params: dict[str, Any] | None = None, **extra: Any
     ) -> dict[str, Any]:
-        msg: dict[str, Any] = {"method": method}
-        if params is not None:
-            msg["parameters"] = params
-        msg.update(extra)
-        self.send_raw(json.dumps(msg).encode() + b"\0")
+        self.send_raw(message(method, params, **extra))
         return self.recv_message()
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:

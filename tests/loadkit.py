@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
 import statistics
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from e2e import Conn
+from e2e import Conn, message  # message: re-exported for the load tests
 
 
 def vm_kb(pid: int, key: str = "VmRSS") -> int:
@@ -47,14 +46,6 @@ def raise_nofile(want: int) -> int:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def message(method: str, params: dict[str, Any] | None = None, **extra: Any) -> bytes:
-    msg: dict[str, Any] = {"method": method}
-    if params is not None:
-        msg["parameters"] = params
-    msg.update(extra)
-    return json.dumps(msg).encode() + b"\0"
 
 
 def pipeline(conn: Conn, calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -17,21 +17,29 @@ rule at that very instant: the kernel (probe) and the committed journal (SQLite,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from e2e import AbortCatcher, Conn, Daemon, Owners, failpoints, journal_leases, probe
+from e2e import (
+    AbortCatcher,
+    Conn,
+    Daemon,
+    Owners,
+    failpoints,
+    journal_leases,
+    message,
+    probe,
+)
 
 POINTS = failpoints()
 
 
 def send_without_waiting(daemon: Daemon, method: str, params: dict) -> Conn:
     c = Conn(daemon.socket)
-    c.send_raw(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
+    c.send_raw(message(method, params))
     return c
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import Daemon, Owners, hold_lock, probe, probe_setlk_elsewhere
+from e2e import Daemon, Owners, hold_lock, message, probe, probe_setlk_elsewhere
 
 from lockd import errors
 
@@ -394,9 +394,7 @@ def test_getinfo_and_interfaces_on_the_right_sockets(daemon: Daemon) -> None:
 
 
 def _send(c, method: str, params: dict) -> None:
-    import json
-
-    c.send_raw(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
+    c.send_raw(message(method, params))
 
 
 def test_concurrent_acquires(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
