@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import Daemon, Owners, hold_lock, probe
+from e2e import Daemon, Owners, hold_lock, probe, probe_setlk_elsewhere
 
 from lockd import errors
 
@@ -135,3 +135,31 @@ def test_lost_default_fence_from_config(make_daemon, owners: Owners, files: list
         out = d.lockctl("locks", "-J")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["leases"][0]["state"] == "lost"
+
+
+def test_lost_lease_stays_lost_across_a_later_restart(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    """A lost lease is journaled as lost (DESIGN §3, §5.4): a later crash and restart, with
+    the file free by then, must not lock it again behind the owner's back; it stays lost
+    until the owner acknowledges it with a release."""
+    owner = owners.spawn()
+    o = daemon.register(owner.pid, name="vm-lost-twice", fence="none")["uuid"]
+    daemon.acquire(files[0], owner=o)
+    daemon.acquire(files[1], owner=o)
+    daemon.kill()
+    with hold_lock(files[0]):  # taken in the gap
+        daemon.start()
+        assert daemon.status()["recovery"]["lost"] == 1
+    assert probe(files[0]) == "free"
+    daemon.kill()  # crash again, with the file free this time
+    assert probe(files[0]) == probe(files[1]) == "free"
+    daemon.start()
+    assert probe(files[0]) == "free", "a lost lease was locked again by recovery"
+    assert probe_setlk_elsewhere(files[0]) == "free"
+    assert probe(files[1]) == "exclusive"  # the other lease came back as usual
+    states = {x["resource"]: x["state"] for x in daemon.inquire(owner=o)["leases"]}
+    assert states == {str(files[0]): "lost", str(files[1]): "held"}
+    assert daemon.status()["recovery"]["retaken"] == 1
+    daemon.release(files[0], owner=o)  # the owner acknowledges
+    assert probe(files[0]) == "free" and owner.poll() is None

@@ -358,6 +358,33 @@ def test_indirect_lockspace(make_daemon, owners: Owners, tmp_path: Path) -> None
     assert probe(lease_file) == "free"
 
 
+def test_indirect_lease_is_retaken_or_lost_after_a_crash(
+    make_daemon, owners: Owners, tmp_path: Path
+) -> None:
+    """Recovery (DESIGN §5.4) for an indirect lockspace: the lease file is locked again after
+    a crash; if another holder took the lease file in the gap, the lease is lost and lockd
+    does not lock it behind that holder's back once it lets go."""
+    ls_dir = tmp_path / "leases"
+    ls_dir.mkdir()
+    d = make_daemon(config=f'[lockspaces]\nvm = "{ls_dir}"\n')
+    o = owners.spawn()
+    a = d.register(o.pid, fence="none")["uuid"]
+    names = ["volume-1", "volume-2"]
+    files = [ls_dir / hashlib.sha256(n.encode()).hexdigest() for n in names]
+    tokens = [d.acquire(n, owner=a, lockspace="vm")["token"] for n in names]
+    d.kill()
+    assert probe(files[0]) == probe(files[1]) == "free"
+    with hold_lock(files[1]):
+        d.start()
+        assert probe(files[0]) == "exclusive"  # re-taken
+        assert probe_setlk_elsewhere(files[0]) == "held"
+        leases = {x["resource"]: (x["state"], x["token"]) for x in d.inquire(owner=a)["leases"]}
+        assert leases == {names[0]: ("held", tokens[0]), names[1]: ("lost", tokens[1])}
+    assert probe(files[1]) == "free"  # not grabbed once we let go
+    d.release(names[0], owner=a, lockspace="vm")
+    assert probe(files[0]) == "free"
+
+
 # --- GetInfo ----------------------------------------------------------------------------------
 
 
