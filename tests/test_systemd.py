@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import sd_harness as sd
-from e2e import Conn, hold_lock, is_free
+from e2e import Conn, hold_lock, is_free, message, probe, probe_setlk_elsewhere
 
 SERVICE = sd.SERVICE
 N_MANY = 1_000
@@ -366,6 +366,102 @@ def test_stop_then_start_retakes_and_fences(
         f[0]: (tokens[f[0]], "kept"),
         f[1]: (tokens[f[1]], "kept"),
     }
+
+
+# --- 4b. crashes inside the crash protocol, with the fd store --------------------------------
+
+
+@pytest.mark.parametrize(
+    "point", ["release.after-commit", "owner-death.after-commit", "acquire.after-commit"]
+)
+def test_crash_inside_the_protocol_with_the_fd_store(
+    lockd: sd.UserManager, owners: sd.Owners, point: str
+) -> None:
+    """DESIGN §4.1, §4.2 and §5.5 with systemd's store, checked from outside: lockd aborts
+    at a failpoint and systemd restarts it.
+
+    - Release, or an owner's death, committed but the fd not yet dropped: the lock lives
+      on only in the store; recovery finds no journal row for it, closes it and sends
+      FDSTOREREMOVE. The file is free afterwards, and the bystanders never were.
+    - Acquire committed, no reply yet: the fd went into the store before the commit, so
+      the new instance adopts it (no gap) and the lease is held.
+    """
+    m = lockd
+    f = sd.make_files(m.w / f"res-{point}", 4)
+    vm_a, vm_b = owners.spawn(), owners.spawn()
+    with m.client() as c:
+        ua = c.register(vm_a.pid, name="vm-a")["uuid"]
+        ub = c.register(vm_b.pid, name="vm-b")["uuid"]
+        c.acquire(f[0], owner=ua)
+        c.acquire(f[1], owner=ub, shared=True)
+        c.acquire(f[2], owner=ub)
+    # arm the point in a new instance: an unordered death keeps the store
+    m.systemctl("set-environment", f"LOCKD_FAILPOINT={point}@1")
+    try:
+        armed = m.kill_and_wait(signal.SIGKILL).new_pid
+    finally:
+        m.systemctl("unset-environment", "LOCKD_FAILPOINT")  # for the instance after it
+    assert n_stored(m) == 3
+    with sd.Observer(f[1:3]) as bystanders:
+        if point == "owner-death.after-commit":
+            vm_a.kill()
+            vm_a.wait()
+        else:
+            conn = Conn(m.socket)
+            if point == "release.after-commit":
+                conn.send_raw(message("io.lockd.Release", {"owner": ua, "resource": f[0]}))
+            else:
+                conn.send_raw(message("io.lockd.Acquire", {"owner": ub, "resource": f[3]}))
+        m.wait_running(not_pid=armed)  # it aborted at the point and systemd restarted it
+        if point != "owner-death.after-commit":
+            conn.close()
+        seen = bystanders.stop()
+    assert seen.free == 0, seen.summary()
+    assert probe(f[1]) == "shared" and probe(f[2]) == "exclusive"
+    rec = m.lockctl_json("status")["status"]["recovery"]
+    held = {x["resource"]: x for x in m.lockctl_json("locks")["leases"]}
+    if point == "acquire.after-commit":
+        assert probe(f[3]) == "exclusive" and probe_setlk_elsewhere(f[3]) == "held"
+        assert held[f[3]]["continuity"] == "kept", held[f[3]]
+        assert probe(f[0]) == "exclusive"
+        assert (rec["adopted"], rec["retaken"]) == (4, 0), rec
+        m.wait_for(lambda: n_stored(m) == 4, timeout=10, what="4 fds in the store")
+    else:
+        assert is_free(f[0]) and probe_setlk_elsewhere(f[0]) == "free"
+        assert f[0] not in held
+        assert (rec["adopted"], rec["retaken"]) == (2, 0), rec
+        m.wait_for(lambda: n_stored(m) == 2, timeout=10, what="the stray fd removed")
+
+
+def test_owner_dead_while_down_is_released_with_the_fd_store(
+    lockd: sd.UserManager, owners: sd.Owners
+) -> None:
+    """DESIGN §5.4 with adopted fds: an owner that died while lockd was down has its leases
+    released at recovery, though systemd handed their fds back still locked; the other
+    owner's lease is adopted without a gap."""
+    m = lockd
+    f = sd.make_files(m.w / "res-dead-while-down", 3)
+    vm_a, vm_b = owners.spawn(), owners.spawn()
+    with m.client() as c:
+        ua = c.register(vm_a.pid, name="vm-a")["uuid"]
+        ub = c.register(vm_b.pid, name="vm-b")["uuid"]
+        c.acquire(f[0], owner=ua)
+        c.acquire(f[1], owner=ua, shared=True)
+        c.acquire(f[2], owner=ub)
+    with sd.Observer(f[2:]) as bystander:
+        os.kill(m.main_pid(), signal.SIGSTOP)  # lockd cannot see vm-a die
+        vm_a.kill()
+        vm_a.wait()
+        assert probe(f[0]) == "exclusive"  # lockd's fd (and the store's copy) hold it
+        m.kill_and_wait(signal.SIGKILL)  # an unordered death: the store is kept
+        seen = bystander.stop()
+    assert seen.free == 0, seen.summary()
+    assert is_free(f[0]) and is_free(f[1])
+    assert probe_setlk_elsewhere(f[0]) == probe_setlk_elsewhere(f[1]) == "free"
+    assert probe(f[2]) == "exclusive"
+    rec = m.lockctl_json("status")["status"]["recovery"]
+    assert (rec["adopted"], rec["released"]) == (1, 2), rec
+    m.wait_for(lambda: n_stored(m) == 1, timeout=10, what="the dead owner's fds removed")
 
 
 # --- 5. ten aborts in a row --------------------------------------------------------------------
