@@ -26,6 +26,7 @@ Exit status:
   4  daemon unreachable (no socket, permission denied, no answer within --timeout)
   5  not held / no such owner (io.lockd.NotHeld, io.lockd.NoSuchOwner)
   6  lease lost while lockd was down (io.lockd.LeaseLost)
+  7  verify found drift between lockd's leases and the kernel's locks or systemd's fd store
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from lockd import __version__, errors
 from lockd.config import FENCE_POLICIES, default_admin_socket, default_socket
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_NOT_HELD, EXIT_LOST = range(7)
+EXIT_DRIFT = 7
 EXIT_STATUS = __doc__.split("Exit status:\n", 1)[1] if __doc__ else ""
 DEFAULT_TIMEOUT = 5.0  # seconds: a dead daemon must fail fast, the library's 30 s is for VMs
 ADMIN, MAIN = "io.lockd.Admin.", "io.lockd."
@@ -177,6 +179,15 @@ def render_table(
     return "".join(lines)
 
 
+def _value(key: str, value: Any) -> str:
+    """A value as a person reads it: times in local time, durations to 0.1 ms."""
+    if key == "at" or key.endswith("_at"):
+        return _localtime(value)
+    if isinstance(value, float) and key.endswith("_ms"):
+        return f"{value:.1f}"
+    return _text(value)
+
+
 def render_keyvalues(obj: Obj, indent: str = "") -> str:
     """`key: value` lines (nested objects indented), times shown in local time."""
     lines = []
@@ -184,8 +195,7 @@ def render_keyvalues(obj: Obj, indent: str = "") -> str:
         if isinstance(value, dict):
             lines.append(f"{indent}{key}:\n{render_keyvalues(value, indent + '  ')}")
         else:
-            shown = _localtime(value) if key == "at" or key.endswith("_at") else _text(value)
-            lines.append(f"{indent}{key}: {escape(shown, raw=False)}\n")
+            lines.append(f"{indent}{key}: {escape(_value(key, value), raw=False)}\n")
     return "".join(lines)
 
 
@@ -198,6 +208,8 @@ def render(args: argparse.Namespace, reply: Obj, key: str, columns: list[Column]
             projected = [{c.name.lower(): c.get(row) for c in columns} for row in rows]
             reply = {**reply, key: projected[0] if isinstance(objs, dict) else projected}
         return json.dumps(reply, indent=2, ensure_ascii=False, default=str) + "\n"
+    if args.command in TEXT:
+        return TEXT[args.command](reply, args)
     if not columns:  # not a table: key: value lines
         return render_keyvalues(objs) if isinstance(objs, dict) and objs else "done\n"
     return render_table(rows, columns, headings=not args.noheadings, raw=args.raw)
@@ -295,12 +307,36 @@ def cmd_history(args: argparse.Namespace) -> Result:
 
 def cmd_acquire(args: argparse.Namespace) -> Result:
     with session(args, admin=False) as client:
+        # An owner this command registers and then cannot give a lease to is unregistered
+        # again: a failed `lockctl acquire` leaves nothing behind. (Inquire first: Register
+        # is idempotent and does not say whether it created the owner.)
+        try:
+            client.call(MAIN + "Inquire", {"pid": args.pid})
+            created = False
+        except errors.NoSuchOwner:
+            created = True
         reg = _params(pid=args.pid, uuid=args.uuid, name=args.name, fence=args.fence)
-        owner = client.call(MAIN + "Register", reg)["owner"]
+        try:
+            owner = client.call(MAIN + "Register", reg)["owner"]
+        except errors.NoSuchOwner:
+            raise UserError(_no_process(args.pid), EXIT_NOT_HELD) from None
         mode = "shared" if args.shared else "exclusive"
         acq = _params(resource=_resource(args), owner=owner["uuid"], lockspace=args.lockspace,
                       mode=mode, token=args.token)  # fmt: skip
-        return client.call(MAIN + "Acquire", acq), "lease"
+        try:
+            return client.call(MAIN + "Acquire", acq), "lease"
+        except errors.LockdError:
+            if created:
+                # refused (InvalidParameter) if a lease was granted to it meanwhile
+                with contextlib.suppress(errors.LockdError):
+                    client.call(MAIN + "Unregister", {"owner": owner["uuid"]})
+            raise
+
+
+def _no_process(pid: int | str) -> str:
+    if os.path.exists(f"/proc/{pid}"):
+        return f"process {pid} cannot be registered as an owner"
+    return f"process {pid} does not exist"
 
 
 def cmd_release(args: argparse.Namespace) -> Result:
@@ -327,7 +363,66 @@ def cmd_reexec(args: argparse.Namespace) -> Result:
 
 
 class UserError(Exception):
-    """A local failure worth one line and exit status 1 (not a daemon error)."""
+    """A failure worth one line and an exit status (1 unless said), not a daemon error."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def cmd_metrics(args: argparse.Namespace) -> Result:
+    return _call(args, ADMIN + "Metrics"), "metrics"
+
+
+def render_metrics(reply: Obj, args: argparse.Namespace) -> str:
+    from lockd import exposition  # imported late: prometheus-client only for this command
+
+    return exposition.render(reply["metrics"])
+
+
+def cmd_verify(args: argparse.Namespace) -> Result:
+    from lockd import verify
+
+    with session(args, admin=True) as client:
+        try:
+            report = verify.verify(
+                lambda: client.call(ADMIN + "ListDescriptors"), args.unit, args.user
+            )
+        except errors.MethodNotFound:
+            raise UserError(
+                "this lockd does not implement ListDescriptors (io.lockd.Admin); upgrade it"
+            ) from None
+        except verify.VerifyError as exc:
+            raise UserError(f"cannot verify: {exc}") from None
+    return {"verify": report.wire()}, "verify"
+
+
+def render_verify(reply: Obj, args: argparse.Namespace) -> str:
+    r = reply["verify"]
+    store = "" if r["fd_store"] is None else f", {r['fd_store']} fds in systemd's fd store"
+    lines = [
+        f"lockd pid {r['pid']}: {r['leases']} leases ({r['held']} held), {r['locks']} OFD "
+        f"locks on byte 0 held by its fds{store}: "
+        + (f"{len(r['drift'])} drift" if r["drift"] else "no drift")
+    ]
+    for f in r["drift"]:
+        where = f" {f['resource']} (token {f['token']})" if "token" in f else ""
+        lines.append(f"drift: {f['kind']}:{where} {f['detail']}")
+    return "".join(escape(line, raw=False) + "\n" for line in lines)
+
+
+def render_dump(reply: Obj, args: argparse.Namespace) -> str:
+    """The leases (-o selects their columns) and, with --history N, the last N events."""
+    columns = select_columns(args.output, LEASE_COLUMNS)
+    table = render_table(reply["leases"], columns, headings=not args.noheadings, raw=args.raw)
+    if not args.history:
+        return table
+    events = select_columns(None, EVENT_COLUMNS)
+    return (
+        table
+        + "\n"
+        + render_table(reply["events"], events, headings=not args.noheadings, raw=args.raw)
+    )
 
 
 def cmd_dump(args: argparse.Namespace) -> Result:
@@ -343,6 +438,14 @@ def cmd_dump(args: argparse.Namespace) -> Result:
         raise UserError(f"cannot read the journal in {state_dir}: {exc}") from None
 
 
+# subcommands whose text output is not one table: renderer(reply, args) (JSON stays JSON)
+TEXT: dict[str, Callable[[Obj, argparse.Namespace], str]] = {
+    "metrics": render_metrics,
+    "verify": render_verify,
+    "dump": render_dump,
+}
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -351,18 +454,29 @@ def _where(p: Obj) -> str:
     return f"{p.get('resource', '?')}" + (f" in lockspace {ls}" if ls not in ("", None) else "")
 
 
+def _no_owner(owner: str) -> str:
+    if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+        return f"{_no_process(owner)} (so it has no lease)"
+    return f"no such owner: {owner} (not registered with lockd)"
+
+
+def _invalid(p: Obj) -> str:
+    if p.get("reason") == "unknown lockspace":  # the daemon names the lockspace as resource
+        return f"unknown lockspace {p.get('resource', '')!r} (not in lockd.conf's [lockspaces])"
+    return f"invalid resource {p.get('resource', '')!r}: {p.get('reason', '?')}"
+
+
 # (class, exit status, one line from the error's parameters)
 ERRORS: tuple[tuple[type[errors.LockdError], int, Callable[[Obj], str]], ...] = (
     (errors.ResourceBusy, EXIT_BUSY,
-     lambda p: f"{_where(p)} is busy (held by another owner; {p.get('mode', '')} lease refused)"),
+     lambda p: f"{_where(p)} is busy ("
+     + (p.get("reason") or f"locked by another holder; {p.get('mode', '')} lease refused") + ")"),
     (errors.NotHeld, EXIT_NOT_HELD, lambda p: f"{_where(p)} is not held"),
-    (errors.NoSuchOwner, EXIT_NOT_HELD,
-     lambda p: f"no such owner: {p.get('owner', '?')} (not registered with lockd)"),
+    (errors.NoSuchOwner, EXIT_NOT_HELD, lambda p: _no_owner(str(p.get("owner", "?")))),
     (errors.LeaseLost, EXIT_LOST,
      lambda p: f"the lease on {_where(p)} (token {p.get('token', '?')}) was lost while lockd"
      " was down; release it to acknowledge"),
-    (errors.InvalidResource, EXIT_FAILURE,
-     lambda p: f"invalid resource {p.get('resource', '')!r}: {p.get('reason', '?')}"),
+    (errors.InvalidResource, EXIT_FAILURE, lambda p: _invalid(p)),
     (errors.PermissionDenied, EXIT_FAILURE, lambda p: f"permission denied: {p.get('reason', '?')}"),
     (errors.LimitExceeded, EXIT_FAILURE,
      lambda p: f"limit exceeded: {p.get('limit', '?')} (at {p.get('value', '?')})"),
@@ -423,24 +537,30 @@ GLOBAL_DEFAULTS: Obj = {
 }  # fmt: skip
 
 
-def _global_options() -> _Parser:
+def _options(connection: bool = True, table: bool = True) -> _Parser:
+    """The options that may come before or after the subcommand: a subcommand is offered
+    only those it uses (dump talks to no daemon; status and the like print no table)."""
     # SUPPRESS: an option left out after the subcommand must not reset one given before it
     s = argparse.SUPPRESS
     p = _Parser(add_help=False)
     # fmt: off
-    g = p.add_argument_group("connection")
-    g.add_argument("--socket", metavar="PATH", default=s, help="main socket ($LOCKD_SOCKET)")
-    g.add_argument("--admin-socket", metavar="PATH", default=s,
-                   help="admin socket ($LOCKD_ADMIN_SOCKET)")
-    g.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0, strict=True), default=s,
-                   help=f"give up on the daemon after this long (default {DEFAULT_TIMEOUT:g})")
+    if connection:
+        g = p.add_argument_group("connection")
+        g.add_argument("--socket", metavar="PATH", default=s, help="main socket ($LOCKD_SOCKET)")
+        g.add_argument("--admin-socket", metavar="PATH", default=s,
+                       help="admin socket ($LOCKD_ADMIN_SOCKET)")
+        g.add_argument("--timeout", metavar="SECONDS", type=_number(float, 0, strict=True),
+                       default=s,
+                       help=f"give up on the daemon after this long (default {DEFAULT_TIMEOUT:g})")
     o = p.add_argument_group("output")
     o.add_argument("-J", "--json", action="store_true", default=s, help="JSON output")
-    o.add_argument("-o", "--output", metavar="COLS", default=s,
-                   help="comma-separated columns ('+COLS' adds to the default ones)")
-    o.add_argument("-n", "--noheadings", action="store_true", default=s, help="no header line")
-    o.add_argument("-r", "--raw", action="store_true", default=s,
-                   help="raw output: unaligned, blanks escaped as \\x20")
+    if table:
+        o.add_argument("-o", "--output", metavar="COLS", default=s,
+                       help="comma-separated columns ('+COLS' adds to the default ones)")
+        o.add_argument("-n", "--noheadings", action="store_true", default=s,
+                       help="no header line")
+        o.add_argument("-r", "--raw", action="store_true", default=s,
+                       help="raw output: unaligned, blanks escaped as \\x20")
     # fmt: on
     return p
 
@@ -457,11 +577,18 @@ COMMANDS = {
     "force-release": (cmd_force_release, LEASE_COLUMNS, "release leases whoever holds them"),
     "dump": (cmd_dump, LEASE_COLUMNS, "read the journal directly (while lockd is down)"),
     "reexec": (cmd_reexec, None, "re-execute the daemon in place, keeping every lock"),
-}
+    "metrics": (cmd_metrics, None, "print the daemon's metrics (Prometheus text format)"),
+    "verify": (cmd_verify, None,
+               "compare lockd's leases with the kernel's locks and systemd's fd store"),
+}  # fmt: skip
 
 
 def build_parser() -> _Parser:
-    common = _global_options()
+    common = _options()
+    parents = {
+        "dump": _options(connection=False),
+        **{name: _options(table=False) for name, cmd in COMMANDS.items() if cmd[1] is None},
+    }
     parser = _Parser(
         prog="lockctl",
         description="Inspect and drive lockd, the crash-safe lock manager.",
@@ -478,7 +605,8 @@ def build_parser() -> _Parser:
             epilog = "columns: " + " ".join(c.name + ("" if c.default else "*") for c in columns)
             epilog += "\n  (* not shown by default)"
         cmds[name] = sub.add_parser(
-            name, parents=[common], help=summary, description=summary, epilog=epilog,
+            name, parents=[parents.get(name, common)], help=summary, description=summary,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
     pos, count = _number(int, 0, strict=True), _number(int, 0, strict=False)
@@ -502,8 +630,24 @@ def build_parser() -> _Parser:
     cmds["force-release"].add_argument("--owner", metavar="UUID", help="only this owner's leases")
     d = cmds["dump"]
     d.add_argument("--state-dir", metavar="DIR", required=True, help="lockd's state directory")
-    d.add_argument("--history", metavar="N", type=count, default=50,
-                   help="events to include (default 50)")  # fmt: skip
+    d.add_argument(
+        "--history",
+        metavar="N",
+        type=count,
+        default=50,
+        help="events to include, after the leases (default 50; 0: none)",
+    )
+    v = cmds["verify"]
+    v.add_argument(
+        "--unit", metavar="UNIT", help="lockd's systemd unit (default: read from its cgroup)"
+    )
+    v.add_argument(
+        "--user",
+        action="store_true",
+        default=None,
+        help="the unit is in the user's service manager (default: from its cgroup)",
+    )
+    # fmt: skip
     return parser
 
 
@@ -543,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except UserError as exc:
         print(f"lockctl: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.status
     except BrokenPipeError:  # `lockctl locks | head`: the reader left; do not traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE

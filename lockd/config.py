@@ -112,6 +112,10 @@ class Config:
     # the event loop: uvloop (libuv; the I/O path in C, measured ~15% more pairs/s with 16
     # clients, bench/) or asyncio (the standard library's, pure Python)
     event_loop: str = "uvloop"
+    # node_exporter's textfile directory: write DIR/lockd.prom (Prometheus text, atomically)
+    # every metrics_interval seconds; None: never (prometheus-client is then never imported)
+    metrics_textfile_dir: Path | None = None
+    metrics_interval: float = 15.0
 
     @property
     def journal_path(self) -> Path:
@@ -142,6 +146,10 @@ class Config:
             raise ConfigError("fd_store must be auto, yes or no")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError("event_loop must be uvloop or asyncio")
+        if self.metrics_textfile_dir is not None and not self.metrics_textfile_dir.is_absolute():
+            raise ConfigError("metrics_textfile_dir must be an absolute directory")
+        if not self.metrics_interval >= 1:
+            raise ConfigError("metrics_interval must be >= 1 (seconds)")
         if self.fence_grace < 0:
             raise ConfigError("fence_grace must be >= 0")
         for name in (
@@ -182,6 +190,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "fd_store": (str, str),
     "log_level": (str, lambda s: s.upper()),
     "event_loop": (str, str),
+    "metrics_textfile_dir": (str, Path),
+    "metrics_interval": ((int, float), float),
 }
 
 

@@ -51,6 +51,7 @@ log = logging.getLogger("lockd")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RUNNING = 0, 1, 2, 3
 GC_YOUNG_THRESHOLD = 10_000  # Python's default is 700 allocations
+PID_FILE = "lockd.pid"
 
 
 class Fatal(Exception):
@@ -123,7 +124,7 @@ class Daemon:
         state = self.config.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = fasteners.InterProcessLock(str(self.config.lock_path))
-        pidfile = state / "lockd.pid"
+        pidfile = state / PID_FILE
         if not lock.acquire(blocking=False):
             try:
                 pid = pidfile.read_text().strip()
@@ -208,6 +209,7 @@ class Daemon:
         service = LockService(
             self.config, journal, commit, lockspaces, outcome.table, fdstore, loop
         )
+        service.counters.lost = outcome.report.lost
         for owner in list(outcome.table.owners.values()):
             if not service.watch_owner(owner):
                 loop.create_task(service.owner_died(owner, "owner exited during recovery"))
@@ -242,6 +244,8 @@ class Daemon:
         interval = notify.watchdog_interval()
         if interval is not None:
             timers.append(Ticker(loop, interval, lambda: notify.notify("WATCHDOG=1")))
+        if self.config.metrics_textfile_dir is not None:
+            timers.append(textfile_writer(loop, self.config, server))
         while True:
             await self.stop.wait()
             if not self.reexec_requested:
@@ -283,6 +287,11 @@ class Daemon:
             if not inherited.sockets:  # systemd's sockets are systemd's to remove
                 with contextlib.suppress(OSError):
                     os.unlink(sock_path)
+        # the pid file names a running daemon: gone at a clean stop (a crash leaves it, with
+        # a dead pid, until the next start rewrites it). The lock file stays: unlinking a
+        # lock file lets a starting daemon lock an inode that the next one no longer finds.
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / PID_FILE).unlink()
         state_lock.release()
         return EXIT_OK
 
@@ -323,6 +332,29 @@ class Pruner:
 
     def cancel(self) -> None:
         self.handle.cancel()
+
+
+def textfile_writer(loop: asyncio.AbstractEventLoop, config: Config, server: Server) -> Ticker:
+    """node_exporter's textfile: DIR/lockd.prom now and every ``metrics_interval`` seconds.
+    prometheus-client is imported here, only when the key is set (start-up time matters)."""
+    from lockd import exposition, metrics
+
+    directory = config.metrics_textfile_dir
+    assert directory is not None
+
+    def write() -> None:
+        snap = metrics.snapshot(
+            server.service, server.report, server.started_at, len(server.connections)
+        )
+        try:
+            exposition.write_textfile(directory, snap)
+        except OSError as exc:  # a full or missing directory must not stop the daemon
+            log.warning(
+                "cannot write metrics to %s: %s", directory, exc, extra={"LOCKD_EVENT": "metrics"}
+            )
+
+    write()
+    return Ticker(loop, config.metrics_interval, write)
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -27,8 +27,10 @@ ever replied is never handed out again, even across crashes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
+import os
 import sqlite3
 import subprocess
 import sys
@@ -324,6 +326,12 @@ class Journal:
                 # read while lockd is down, or a copy of the files.
                 conn.execute("PRAGMA locking_mode=EXCLUSIVE")
                 conn.execute("PRAGMA journal_mode=WAL")
+                # A -shm beside the file is a reader's (the read-only look above, or `lockctl
+                # dump`, at a journal that a crash left with a -wal): SQLite must map one to
+                # read a WAL. We hold the file's exclusive lock from the pragma above on, and
+                # in this mode SQLite never uses a -shm, so nobody can: remove the leftover.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path.with_name(path.name + "-shm"))
                 conn.execute(f"PRAGMA synchronous={synchronous}")
                 # a checkpoint resets the WAL; without a limit it keeps its largest size
                 conn.execute("PRAGMA journal_size_limit=8388608")
@@ -524,6 +532,10 @@ class Journal:
         )
 
 
+# meta's values are TEXT in the table; in a dump, numbers are numbers
+_META_TYPES: dict[str, type] = {"last_token": int, "created_at": float}
+
+
 def dump(state_dir: Path, history: int = 50) -> dict[str, Any]:
     """The journal's content in wire shapes, read-only (the daemon may be down)."""
     from lockd.config import JOURNAL_NAME
@@ -534,7 +546,10 @@ def dump(state_dir: Path, history: int = 50) -> dict[str, Any]:
     journal = Journal(path, readonly=True)
     try:
         with journal.transaction():
-            meta = dict(journal.conn.execute("SELECT key, value FROM meta").fetchall())
+            meta = {
+                key: _META_TYPES.get(key, str)(value)
+                for key, value in journal.conn.execute("SELECT key, value FROM meta")
+            }
             return {
                 "meta": meta,
                 "leases": journal.wire_leases(),

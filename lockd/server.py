@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from lockd import __version__
+from lockd import __version__, metrics
 from lockd.config import Config
 from lockd.errors import (
     InterfaceNotFound,
@@ -44,7 +44,7 @@ from lockd.errors import (
     PermissionDenied,
     ProtocolError,
 )
-from lockd.leases import Owner, State
+from lockd.leases import WIRE_STATE, Owner, State
 from lockd.process import Peer
 from lockd.recovery import Report
 from lockd.service import MODES, LockService
@@ -254,6 +254,7 @@ class Server:
             "io.lockd.Release": self.release,
             "io.lockd.ReleaseAll": self.release_all,
             "io.lockd.Inquire": self.inquire,
+            "io.lockd.Unregister": self.unregister,
             "io.lockd.Watch": self.watch,
             **self._service_methods(),
         }
@@ -264,6 +265,8 @@ class Server:
             "io.lockd.Admin.History": self.history,
             "io.lockd.Admin.ForceRelease": self.force_release,
             "io.lockd.Admin.Reexec": self.reexec,
+            "io.lockd.Admin.Metrics": self.metrics,
+            "io.lockd.Admin.ListDescriptors": self.list_descriptors,
             **self._service_methods(),
         }
 
@@ -297,7 +300,8 @@ class Server:
             "vendor": "lockd",
             "product": "lockd",
             "version": __version__,
-            "url": "https://github.com/lockd/lockd",
+            # no public home page exists: Varlink's url is a plain string, empty is honest
+            "url": "",
             "interfaces": interfaces,
         }
 
@@ -349,6 +353,10 @@ class Server:
     async def inquire(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = self._owner(conn, p)
         return {"owner": owner.wire(), "leases": [lease.wire() for lease in owner.leases.values()]}
+
+    async def unregister(self, conn: Connection, p: Params) -> dict[str, Any]:
+        await self.service.unregister(self._owner(conn, p))
+        return {}
 
     async def watch(self, conn: Connection, p: Params) -> dict[str, Any]:
         owner = self._owner(conn, p)
@@ -434,6 +442,37 @@ class Server:
         # after this reply is written: transport.write sends at once when the buffer is empty
         self.loop.call_soon(self.request_reexec)
         return {}
+
+    async def metrics(self, conn: Connection, p: Params) -> dict[str, Any]:
+        return {
+            "metrics": metrics.snapshot(
+                self.service, self.report, self.started_at, len(self.connections)
+            )
+        }
+
+    async def list_descriptors(self, conn: Connection, p: Params) -> dict[str, Any]:
+        # what `lockctl verify` compares with the kernel: which fd of this process carries
+        # which lease, and under which name it is parked in systemd's fd store
+        return {
+            "pid": os.getpid(),
+            "fd_store": self.service.fdstore.enabled,
+            "descriptors": sorted(
+                (
+                    {
+                        "token": lease.token,
+                        "lockspace": lease.lockspace,
+                        "resource": lease.resource,
+                        "path": lease.path,
+                        "mode": lease.mode,
+                        "state": WIRE_STATE[lease.state],
+                        "fd": lease.fd,
+                        "fdname": lease.fdname,
+                    }
+                    for lease in self.service.table.leases()
+                ),
+                key=lambda d: d["token"],
+            ),
+        }
 
     def status_line(self) -> str:
         table = self.service.table

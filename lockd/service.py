@@ -60,6 +60,7 @@ from lockd.journal import (
 )
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
+from lockd.metrics import Counters
 from lockd.notify import FdStore
 
 log = logging.getLogger("lockd")
@@ -194,6 +195,8 @@ class LockService:
         self._registering: dict[str, asyncio.Future[None]] = {}
         # owner uuid -> queues of Watch subscribers
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        # cumulative since start (lockd.metrics): plain integer increments on the hot path
+        self.counters = Counters()
 
     # -- owners ---------------------------------------------------------------------------
     def find_owner(self, owner: str | None, pid: int | None, peer: process.Peer) -> Owner:
@@ -347,6 +350,7 @@ class LockService:
                 # says so; keep them and try again shortly.
                 await asyncio.sleep(0.5)
         failpoint.hit("owner-death.after-commit")
+        self.counters.owner_releases += len(leases)
         for lease in leases:
             lease.apply(Event.COMMITTED)
             self._drop(lease)
@@ -368,6 +372,31 @@ class LockService:
                 "reason": reason,
             },
         )
+
+    async def unregister(self, owner: Owner) -> None:
+        """Forget an owner that holds no lease (what lockctl does when the Acquire that
+        followed its Register failed). An owner with leases is refused: leases end only by
+        a release, the owner's death or an administrator, never as a side effect."""
+        pending = self._registering.get(owner.uuid)
+        if pending is not None:
+            await asyncio.shield(pending)
+        if owner.uuid not in self.table.owners:
+            raise NoSuchOwner(owner=owner.uuid)
+        if owner.leases:
+            raise InvalidParameter(
+                f"owner {owner.uuid} holds {len(owner.leases)} leases; release them first",
+                parameter="owner",
+            )
+        self.forget_owner(owner)  # no await before this: no acquire can slip in between
+        try:
+            await self.commit.submit(
+                *delete_owner(owner.uuid), owner_event("unregister", owner.uuid, owner.pid, None)
+            )
+        except JournalError:
+            self.table.add_owner(owner)
+            if not self.watch_owner(owner):
+                self.loop.create_task(self.owner_died(owner, "owner exited"))
+            raise
 
     # -- acquire --------------------------------------------------------------------------
     async def acquire(
@@ -414,11 +443,10 @@ class LockService:
             if existing.state == State.LOST:
                 raise LeaseLost(lockspace=ls, resource=existing.resource, token=existing.token)
             if existing.mode != mode:
+                self.counters.conflicts += 1
+                why = f"already held {existing.mode} by this owner; release it first"
                 raise ResourceBusy(
-                    f"{resource} is already held {existing.mode} by this owner; release it first",
-                    lockspace=ls,
-                    resource=resource,
-                    mode=mode,
+                    f"{resource} is {why}", lockspace=ls, resource=resource, mode=mode, reason=why
                 )
             return existing  # idempotent repeat: same lease, same token
         if len(owner.leases) >= self.config.max_leases_per_owner:
@@ -442,6 +470,7 @@ class LockService:
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check, seen=seen)
         except ResourceBusy:
+            self.counters.conflicts += 1
             raise ResourceBusy(
                 f"{resource} is busy", lockspace=ls, resource=resource, mode=mode
             ) from None
@@ -488,6 +517,7 @@ class LockService:
             raise
         lease.apply(Event.COMMITTED)
         self._settle(lease)
+        self.counters.grants += 1
         _log_lease("acquired %s %s token %d", lease, "acquire")
         failpoint.hit("acquire.after-commit")
         return lease
@@ -540,6 +570,10 @@ class LockService:
             self._settle(lease)
             raise
         lease.apply(Event.COMMITTED)
+        if event == "release":
+            self.counters.releases += 1
+        else:
+            self.counters.force_releases += 1
         failpoint.hit("release.after-commit")
         self._drop(lease)
         failpoint.hit("release.after-close")
@@ -617,6 +651,7 @@ class LockService:
             return
         sig = signal.SIGKILL if owner.fence == "kill" else signal.SIGTERM
         sent = process.signal_owner(owner.pidfd, owner.pid, owner.start_time, sig)
+        self.counters.fenced += sent
         log.warning(
             "owner %s pid %d lost leases (%s): sent %s",
             owner.name,

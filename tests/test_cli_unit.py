@@ -112,11 +112,13 @@ def test_locks_table_and_json(fake: FakeClient, capsys: Any) -> None:
 
 
 def test_acquire_registers_then_acquires(fake: FakeClient, capsys: Any) -> None:
+    fake.replies["io.lockd.Inquire"] = {"owner": {"uuid": "u-1"}, "leases": []}
     fake.replies["io.lockd.Register"] = {"owner": {"uuid": "u-1"}}
     fake.replies["io.lockd.Acquire"] = {"lease": LEASE}
     assert cli.main(["acquire", "/images/vm 1.img", "--pid", "42", "--shared", "-J"]) == 0
     assert json.loads(capsys.readouterr().out) == {"lease": LEASE}
     assert fake.calls == [
+        ("io.lockd.Inquire", {"pid": 42}),  # already an owner? (else undone on failure)
         ("io.lockd.Register", {"pid": 42}),
         ("io.lockd.Acquire", {"resource": "/images/vm 1.img", "owner": "u-1", "mode": "shared"}),
     ]
