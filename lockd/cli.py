@@ -681,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         reply, key = COMMANDS[args.command][0](args)
         sys.stdout.write(render(args, reply, key, columns))
         sys.stdout.flush()
+        if key == "verify" and reply[key]["drift"]:
+            return EXIT_DRIFT
     except errors.LockdError as exc:
         status, line = describe(exc)
         print(f"lockctl: {line}", file=sys.stderr)
