@@ -39,18 +39,20 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from errno import EAGAIN, ECONNABORTED, ECONNREFUSED, ECONNRESET, ENOENT, ENOTCONN, EPIPE, ETIMEDOUT
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from lockd.config import default_admin_socket, default_socket
 from lockd.errors import DaemonUnreachable, PermissionDenied, ProtocolError, from_wire
 from lockd.varlink import Call, Decoder
 
-__all__ = ["Client", "Reply", "Watch"]
+__all__ = ["Attempts", "Client", "Reply", "Request", "Watch", "requests"]
 
 Reply = dict[str, Any]
+T = TypeVar("T")
 
 RECV_SIZE = 65536
 BACKOFF_START = 0.010
@@ -108,6 +110,62 @@ def _list(reply: Reply, key: str) -> list[Reply]:
     return value
 
 
+class Attempts:
+    """The retry policy of one call, sans-IO: shared by :class:`Client` and
+    :class:`lockd.aio.Client`, so both give up, retry and back off alike."""
+
+    def __init__(self, socket_path: Path, timeout: float, call: Call) -> None:
+        self.socket_path, self.timeout, self.call = socket_path, timeout, call
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        self.delay = BACKOFF_START
+        self.attempts = 0
+        self.last = ""
+
+    def timed_out(self, sent: bool) -> DaemonUnreachable:
+        return self.unreachable(
+            "connected, no reply" if sent else (self.last or "connect timed out")
+        )
+
+    def failed(self, exc: OSError, sent: bool, retry: bool) -> None:
+        """Raise what ``exc`` means for the caller, or note it and return (retry)."""
+        denied = isinstance(exc, PermissionError)
+        if denied and time.monotonic() - self.start >= min(EACCES_GRACE, self.timeout / 2):
+            raise PermissionDenied(
+                f"cannot connect to lockd at {self.socket_path}: {exc.strerror}",
+                reason=f"{self.socket_path}: {exc.strerror}",
+            ) from exc
+        if not denied and exc.errno not in _TRANSIENT:
+            raise DaemonUnreachable(
+                f"talking to lockd at {self.socket_path} failed: {exc}",
+                socket=str(self.socket_path),
+                method=self.call.method,
+            ) from exc
+        if sent and not retry:
+            raise self.unreachable(f"{exc}; sent once, not resent") from exc
+        self.last = str(exc)
+
+    def backoff(self) -> float:
+        """Seconds to wait before the next attempt; DaemonUnreachable past the deadline."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.unreachable(self.last)
+        # jitter: after a restart every client reconnects at once; spread them out
+        pause = min(left, self.delay * random.uniform(0.5, 1.0))
+        self.delay = min(self.delay * 2, BACKOFF_MAX)
+        return pause
+
+    def unreachable(self, last: str) -> DaemonUnreachable:
+        waited = time.monotonic() - self.start
+        return DaemonUnreachable(
+            f"lockd at {self.socket_path} did not answer {self.call.method} within {waited:.2f} s "
+            f"(timeout {self.timeout:g} s, {self.attempts} attempt(s); last: {last})",
+            socket=str(self.socket_path),
+            method=self.call.method,
+            waited=round(waited, 3),
+        )
+
+
 class _Conn:
     """One connected socket with its decoder; on any failure it is dropped whole."""
 
@@ -144,6 +202,124 @@ class _Conn:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[T]):
+    """One API call, sans-IO: the method, its parameters and how to read its reply."""
+
+    method: str
+    params: dict[str, Any]
+    read: Callable[[Reply], T]
+
+
+def _whole(reply: Reply) -> Reply:
+    return reply
+
+
+def _nothing(reply: Reply) -> None:
+    return None
+
+
+class requests:  # noqa: N801 - a namespace, used as ``requests.acquire(...)``
+    """The calls of the API, made once here for :class:`Client` and :class:`lockd.aio.Client`
+    (same parameters, same reading of the reply, same errors)."""
+
+    @staticmethod
+    def register(
+        pid: int, *, uuid: str | None, name: str | None, fence: str | None
+    ) -> Request[Reply]:
+        params = _params(pid=pid, uuid=uuid, name=name, fence=fence)
+        return Request("io.lockd.Register", params, lambda r: _obj(r, "owner"))
+
+    @staticmethod
+    def unregister(*, owner: str | None, pid: int | None) -> Request[None]:
+        return Request("io.lockd.Unregister", _params(owner=owner, pid=pid), _nothing)
+
+    @staticmethod
+    def acquire(
+        resource: str | os.PathLike[str],
+        *,
+        owner: str | None,
+        pid: int | None,
+        lockspace: str | None,
+        shared: bool,
+        token: int | None,
+    ) -> Request[Reply]:
+        params = _params(
+            resource=os.fspath(resource),
+            owner=owner,
+            pid=pid,
+            lockspace=lockspace,
+            mode="shared" if shared else "exclusive",
+            token=token,
+        )
+        return Request("io.lockd.Acquire", params, lambda r: _obj(r, "lease"))
+
+    @staticmethod
+    def release(
+        resource: str | os.PathLike[str],
+        *,
+        owner: str | None,
+        pid: int | None,
+        lockspace: str | None,
+    ) -> Request[Reply]:
+        params = _params(resource=os.fspath(resource), owner=owner, pid=pid, lockspace=lockspace)
+        return Request("io.lockd.Release", params, lambda r: _obj(r, "lease"))
+
+    @staticmethod
+    def release_all(*, owner: str | None, pid: int | None) -> Request[list[Reply]]:
+        params = _params(owner=owner, pid=pid)
+        return Request("io.lockd.ReleaseAll", params, lambda r: _list(r, "leases"))
+
+    @staticmethod
+    def inquire(*, owner: str | None, pid: int | None) -> Request[Reply]:
+        return Request("io.lockd.Inquire", _params(owner=owner, pid=pid), _whole)
+
+    @staticmethod
+    def watch(*, owner: str | None, pid: int | None) -> Call:
+        return Call("io.lockd.Watch", _params(owner=owner, pid=pid), more=True)
+
+    @staticmethod
+    def status() -> Request[Reply]:
+        return Request("io.lockd.Admin.Status", {}, lambda r: _obj(r, "status"))
+
+    @staticmethod
+    def list_leases(lockspace: str | None, owner: str | None) -> Request[list[Reply]]:
+        params = _params(lockspace=lockspace, owner=owner)
+        return Request("io.lockd.Admin.ListLeases", params, lambda r: _list(r, "leases"))
+
+    @staticmethod
+    def list_owners() -> Request[list[Reply]]:
+        return Request("io.lockd.Admin.ListOwners", {}, lambda r: _list(r, "owners"))
+
+    @staticmethod
+    def history(limit: int | None, owner: str | None, resource: str | None) -> Request[list[Reply]]:
+        params = _params(limit=limit, owner=owner, resource=resource)
+        return Request("io.lockd.Admin.History", params, lambda r: _list(r, "events"))
+
+    @staticmethod
+    def force_release(
+        resource: str | os.PathLike[str], lockspace: str | None, owner: str | None
+    ) -> Request[list[Reply]]:
+        params = _params(resource=os.fspath(resource), lockspace=lockspace, owner=owner)
+        return Request("io.lockd.Admin.ForceRelease", params, lambda r: _list(r, "leases"))
+
+    @staticmethod
+    def metrics() -> Request[Reply]:
+        return Request("io.lockd.Admin.Metrics", {}, lambda r: _obj(r, "metrics"))
+
+    @staticmethod
+    def get_info() -> Request[Reply]:
+        return Request("org.varlink.service.GetInfo", {}, _whole)
+
+    @staticmethod
+    def get_interface_description(interface: str) -> Request[str]:
+        return Request(
+            "org.varlink.service.GetInterfaceDescription",
+            {"interface": interface},
+            lambda r: str(r.get("description", "")),
+        )
 
 
 class Client:
@@ -226,13 +402,9 @@ class Client:
     def _exchange(self, call: Call, *, retry: bool, stream: bool) -> tuple[_Conn, Reply]:
         """Send ``call`` and return its connection and first reply, riding over restarts."""
         data = call.encode()
-        start = time.monotonic()
-        deadline = start + self.timeout
-        delay = BACKOFF_START
-        attempts = 0
-        last = ""
+        tries = Attempts(self.socket_path, self.timeout, call)
         while True:
-            attempts += 1
+            tries.attempts += 1
             sent = False
             conn = None if stream else self._conn
             if conn is not None and conn.pid != os.getpid():
@@ -243,40 +415,23 @@ class Client:
             reused = conn is not None
             try:
                 if conn is None:
-                    conn = self._open(deadline)
+                    conn = self._open(tries.deadline)
                     if stream:
                         self._streams.add(conn)
                     else:
                         self._conn = conn
-                conn.send(data, deadline)
+                conn.send(data, tries.deadline)
                 sent = True
-                return conn, conn.receive(deadline)
+                return conn, conn.receive(tries.deadline)
             except TimeoutError:
                 self._drop(conn)
-                why = "connected, no reply" if sent else (last or "connect timed out")
-                raise self._unreachable(call, start, attempts, why) from None
+                raise tries.timed_out(sent) from None
             except ProtocolError:
                 self._drop(conn)
                 raise
             except OSError as exc:
                 self._drop(conn)
-                denied = isinstance(exc, PermissionError)
-                if denied and time.monotonic() - start >= min(EACCES_GRACE, self.timeout / 2):
-                    raise PermissionDenied(
-                        f"cannot connect to lockd at {self.socket_path}: {exc.strerror}",
-                        reason=f"{self.socket_path}: {exc.strerror}",
-                    ) from exc
-                if not denied and exc.errno not in _TRANSIENT:
-                    raise DaemonUnreachable(
-                        f"talking to lockd at {self.socket_path} failed: {exc}",
-                        socket=str(self.socket_path),
-                        method=call.method,
-                    ) from exc
-                if sent and not retry:
-                    raise self._unreachable(
-                        call, start, attempts, f"{exc}; sent once, not resent"
-                    ) from exc
-                last = str(exc)
+                tries.failed(exc, sent, retry)
                 if reused:
                     # a connection kept from an earlier call broke: lockd restarted in
                     # between, and a new one may answer at once
@@ -286,24 +441,12 @@ class Client:
                 # taken for the answer to the next call
                 self._drop(conn)
                 raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._unreachable(call, start, attempts, last)
-            # jitter: after a restart every client reconnects at once; spread them out
-            time.sleep(min(left, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, BACKOFF_MAX)
-
-    def _unreachable(self, call: Call, start: float, attempts: int, last: str) -> DaemonUnreachable:
-        waited = time.monotonic() - start
-        return DaemonUnreachable(
-            f"lockd at {self.socket_path} did not answer {call.method} within {waited:.2f} s "
-            f"(timeout {self.timeout:g} s, {attempts} attempt(s); last: {last})",
-            socket=str(self.socket_path),
-            method=call.method,
-            waited=round(waited, 3),
-        )
+            time.sleep(tries.backoff())
 
     # -- io.lockd -------------------------------------------------------------------------------
+
+    def _do(self, req: Request[T]) -> T:
+        return req.read(self.call(req.method, req.params))
 
     def register(
         self,
@@ -314,8 +457,11 @@ class Client:
         fence: str | None = None,
     ) -> Reply:
         """Register (idempotently) process ``pid`` as an owner; returns the Owner."""
-        params = _params(pid=pid, uuid=uuid, name=name, fence=fence)
-        return _obj(self.call("io.lockd.Register", params), "owner")
+        return self._do(requests.register(pid, uuid=uuid, name=name, fence=fence))
+
+    def unregister(self, *, owner: str | None = None, pid: int | None = None) -> None:
+        """Forget an owner that holds no lease (InvalidParameter if it holds some)."""
+        self._do(requests.unregister(owner=owner, pid=pid))
 
     def acquire(
         self,
@@ -332,15 +478,11 @@ class Client:
         ``token``: the token the resource's last grant must carry (hand-off), else
         TokenMismatch. A busy resource raises ResourceBusy (also a BlockingIOError).
         """
-        params = _params(
-            resource=os.fspath(resource),
-            owner=owner,
-            pid=pid,
-            lockspace=lockspace,
-            mode="shared" if shared else "exclusive",
-            token=token,
+        return self._do(
+            requests.acquire(
+                resource, owner=owner, pid=pid, lockspace=lockspace, shared=shared, token=token
+            )
         )
-        return _obj(self.call("io.lockd.Acquire", params), "lease")
 
     def release(
         self,
@@ -351,38 +493,35 @@ class Client:
         lockspace: str | None = None,
     ) -> Reply:
         """Release a lease (also acknowledges a lost one); returns the released Lease."""
-        params = _params(resource=os.fspath(resource), owner=owner, pid=pid, lockspace=lockspace)
-        return _obj(self.call("io.lockd.Release", params), "lease")
+        return self._do(requests.release(resource, owner=owner, pid=pid, lockspace=lockspace))
 
     def release_all(self, *, owner: str | None = None, pid: int | None = None) -> list[Reply]:
         """Release every lease of the owner; returns the released Leases."""
-        return _list(self.call("io.lockd.ReleaseAll", _params(owner=owner, pid=pid)), "leases")
+        return self._do(requests.release_all(owner=owner, pid=pid))
 
     def inquire(self, *, owner: str | None = None, pid: int | None = None) -> Reply:
         """The owner and its leases: ``{"owner": Owner, "leases": [Lease, ...]}``."""
-        return self.call("io.lockd.Inquire", _params(owner=owner, pid=pid))
+        return self._do(requests.inquire(owner=owner, pid=pid))
 
     def watch(self, *, owner: str | None = None, pid: int | None = None) -> Watch:
         """Subscribe to the owner's events; returns once subscribed (see :class:`Watch`)."""
-        return Watch(self, Call("io.lockd.Watch", _params(owner=owner, pid=pid), more=True))
+        return Watch(self, requests.watch(owner=owner, pid=pid))
 
     # -- io.lockd.Admin (admin socket: Client(admin=True)) and org.varlink.service -------------
 
     def status(self) -> Reply:
-        return _obj(self.call("io.lockd.Admin.Status"), "status")
+        return self._do(requests.status())
 
     def list_leases(self, lockspace: str | None = None, owner: str | None = None) -> list[Reply]:
-        params = _params(lockspace=lockspace, owner=owner)
-        return _list(self.call("io.lockd.Admin.ListLeases", params), "leases")
+        return self._do(requests.list_leases(lockspace, owner))
 
     def list_owners(self) -> list[Reply]:
-        return _list(self.call("io.lockd.Admin.ListOwners"), "owners")
+        return self._do(requests.list_owners())
 
     def history(
         self, limit: int | None = None, owner: str | None = None, resource: str | None = None
     ) -> list[Reply]:
-        params = _params(limit=limit, owner=owner, resource=resource)
-        return _list(self.call("io.lockd.Admin.History", params), "events")
+        return self._do(requests.history(limit, owner, resource))
 
     def force_release(
         self,
@@ -391,16 +530,18 @@ class Client:
         owner: str | None = None,
     ) -> list[Reply]:
         """Release a resource's leases whatever their owner; returns them (see module doc)."""
-        params = _params(resource=os.fspath(resource), lockspace=lockspace, owner=owner)
-        return _list(self.call("io.lockd.Admin.ForceRelease", params), "leases")
+        return self._do(requests.force_release(resource, lockspace, owner))
+
+    def metrics(self) -> Reply:
+        """The daemon's counters and gauges (``lockctl metrics`` renders them)."""
+        return self._do(requests.metrics())
 
     def get_info(self) -> Reply:
         """vendor, product, version, url, interfaces."""
-        return self.call("org.varlink.service.GetInfo")
+        return self._do(requests.get_info())
 
     def get_interface_description(self, interface: str) -> str:
-        reply = self.call("org.varlink.service.GetInterfaceDescription", {"interface": interface})
-        return str(reply.get("description", ""))
+        return self._do(requests.get_interface_description(interface))
 
 
 class Watch(Iterator[Reply]):

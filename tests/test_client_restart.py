@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import CLIENTS
 from e2e import Daemon, Owners, probe
 
 from lockd import errors
-from lockd.client import Client
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def make_client(request: pytest.FixtureRequest) -> Any:
+    """Each test runs with lockd.client.Client and lockd.aio.Client (tests/clients.py)."""
+    return CLIENTS[request.param]
 
 
 class Call(threading.Thread):
@@ -44,8 +50,10 @@ class Call(threading.Thread):
         return self.result
 
 
-def test_kill9_between_calls(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
-    with Client(daemon.socket, timeout=20) as c:
+def test_kill9_between_calls(
+    daemon: Daemon, owners: Owners, files: list[Path], make_client: Any
+) -> None:
+    with make_client(daemon.socket, timeout=20) as c:
         owner = c.register(owners.spawn().pid, name="vm")
         first = c.acquire(files[0], owner=owner["uuid"])
         daemon.kill(signal.SIGKILL)
@@ -64,9 +72,11 @@ def test_kill9_between_calls(daemon: Daemon, owners: Owners, files: list[Path]) 
     assert probe(files[1]) == "shared"
 
 
-def test_call_while_daemon_down(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+def test_call_while_daemon_down(
+    daemon: Daemon, owners: Owners, files: list[Path], make_client: Any
+) -> None:
     """A call made while lockd is dead is answered once it is back (within the timeout)."""
-    c = Client(daemon.socket, timeout=20)
+    c = make_client(daemon.socket, timeout=20)
     owner = c.register(owners.spawn().pid)
     daemon.kill()
     call = Call(c.acquire, files[0], owner=owner["uuid"])
@@ -82,10 +92,12 @@ def test_call_while_daemon_down(daemon: Daemon, owners: Owners, files: list[Path
     c.close()
 
 
-def test_kill9_during_a_call(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+def test_kill9_during_a_call(
+    daemon: Daemon, owners: Owners, files: list[Path], make_client: Any
+) -> None:
     """The call is sent and unanswered (the daemon is stopped) when lockd is SIGKILLed; the
     client resends it to the restarted daemon and returns the right answer."""
-    c = Client(daemon.socket, timeout=20)
+    c = make_client(daemon.socket, timeout=20)
     owner = c.register(owners.spawn().pid)
     c.acquire(files[0], owner=owner["uuid"])  # connection established
     daemon.proc.send_signal(signal.SIGSTOP)
@@ -107,10 +119,12 @@ def test_kill9_during_a_call(daemon: Daemon, owners: Owners, files: list[Path]) 
 
 
 @pytest.mark.parametrize("point", ["acquire.after-commit", "acquire.after-lock"])
-def test_abort_during_a_call(daemon: Daemon, owners: Owners, files: list[Path], point: str) -> None:
+def test_abort_during_a_call(
+    daemon: Daemon, owners: Owners, files: list[Path], point: str, make_client: Any
+) -> None:
     """lockd aborts in the middle of Acquire (committed or not); the client's retry on the
     restarted daemon returns the lease, with the token the journal has."""
-    c = Client(daemon.socket, timeout=30)
+    c = make_client(daemon.socket, timeout=30)
     owner = c.register(owners.spawn().pid)
     before = c.acquire(files[0], owner=owner["uuid"])
     daemon.stop()
@@ -128,8 +142,10 @@ def test_abort_during_a_call(daemon: Daemon, owners: Owners, files: list[Path], 
     c.close()
 
 
-def test_release_during_abort(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
-    c = Client(daemon.socket, timeout=30)
+def test_release_during_abort(
+    daemon: Daemon, owners: Owners, files: list[Path], make_client: Any
+) -> None:
+    c = make_client(daemon.socket, timeout=30)
     owner = c.register(owners.spawn().pid)
     lease = c.acquire(files[0], owner=owner["uuid"])
     daemon.stop()
@@ -144,8 +160,10 @@ def test_release_during_abort(daemon: Daemon, owners: Owners, files: list[Path])
     c.close()
 
 
-def test_unreachable_after_timeout(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
-    c = Client(daemon.socket, timeout=1.0)
+def test_unreachable_after_timeout(
+    daemon: Daemon, owners: Owners, files: list[Path], make_client: Any
+) -> None:
+    c = make_client(daemon.socket, timeout=1.0)
     owner = c.register(owners.spawn().pid)
     daemon.kill()
     t0 = time.monotonic()
@@ -165,13 +183,13 @@ def test_unreachable_after_timeout(daemon: Daemon, owners: Owners, files: list[P
         daemon.proc.send_signal(signal.SIGCONT)
     # no socket at all
     with pytest.raises(errors.DaemonUnreachable):
-        Client(daemon.runtime / "nothing.sock", timeout=0.5).inquire(owner=owner["uuid"])
+        make_client(daemon.runtime / "nothing.sock", timeout=0.5).inquire(owner=owner["uuid"])
     c.close()
 
 
-def test_admin_client(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
-    c = Client(daemon.socket, timeout=10)
-    a = Client(daemon.admin_socket, admin=True, timeout=10)
+def test_admin_client(daemon: Daemon, owners: Owners, files: list[Path], make_client: Any) -> None:
+    c = make_client(daemon.socket, timeout=10)
+    a = make_client(daemon.admin_socket, admin=True, timeout=10)
     owner = c.register(owners.spawn().pid, name="vm")
     c.acquire(files[0], owner=owner["uuid"])
     assert a.status()["pid"] == daemon.pid

@@ -16,14 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import CLIENTS
 
-from lockd.client import Client
 from lockd.errors import DaemonUnreachable, ResourceBusy
 from lockd.varlink import Decoder, dumps
 
 Msg = dict[str, Any]
 # returns the replies to send (possibly none: a hung daemon), or None to cut the connection
 Handler = Callable[[Msg, int], list[Msg] | None]
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def make_client(request: pytest.FixtureRequest) -> Any:
+    """Each test runs with lockd.client.Client and lockd.aio.Client (tests/clients.py)."""
+    return CLIENTS[request.param]
 
 
 class FakeLockd:
@@ -85,9 +91,9 @@ def sock(tmp_path: Path) -> Path:
     return tmp_path / "lockd.sock"
 
 
-def test_call_shapes_and_split_replies(sock: Path) -> None:
+def test_call_shapes_and_split_replies(sock: Path, make_client: Any) -> None:
     fake = FakeLockd(sock, lambda m, n: [lease(m["parameters"])], chunk=3).start()
-    with Client(sock) as c:
+    with make_client(sock) as c:
         assert c.acquire(Path("/img/a"), pid=42, shared=True) == {"resource": "/img/a", "token": 7}
         assert c.acquire("/img/b", owner="u")["token"] == 7
     assert fake.calls[0] == {
@@ -97,60 +103,60 @@ def test_call_shapes_and_split_replies(sock: Path) -> None:
     assert fake.calls[1]["parameters"] == {"resource": "/img/b", "owner": "u", "mode": "exclusive"}
 
 
-def test_error_reply_is_raised_typed_and_not_retried(sock: Path) -> None:
+def test_error_reply_is_raised_typed_and_not_retried(sock: Path, make_client: Any) -> None:
     busy = {"error": "io.lockd.ResourceBusy", "parameters": {"resource": "/a", "mode": "x"}}
     fake = FakeLockd(sock, lambda m, n: [busy]).start()
-    with Client(sock) as c, pytest.raises(ResourceBusy) as info:
+    with make_client(sock) as c, pytest.raises(ResourceBusy) as info:
         c.acquire("/a", pid=1)
     assert isinstance(info.value, BlockingIOError) and info.value.parameters["resource"] == "/a"
     assert len(fake.calls) == 1
 
 
-def test_daemon_starting_late_is_waited_for(sock: Path) -> None:
+def test_daemon_starting_late_is_waited_for(sock: Path, make_client: Any) -> None:
     fake = FakeLockd(sock, lambda m, n: [{"parameters": {"owner": {"pid": 1}}}])
     threading.Timer(0.2, fake.start).start()
     t0 = time.monotonic()
-    with Client(sock, timeout=5) as c:
+    with make_client(sock, timeout=5) as c:
         assert c.register(1) == {"pid": 1}
     assert time.monotonic() - t0 >= 0.2
 
 
-def test_crash_mid_call_resends_same_call(sock: Path) -> None:
+def test_crash_mid_call_resends_same_call(sock: Path, make_client: Any) -> None:
     fake = FakeLockd(sock, lambda m, n: None if n == 1 else [lease(m["parameters"])]).start()
-    with Client(sock, timeout=5) as c:
+    with make_client(sock, timeout=5) as c:
         assert c.release("/a", pid=1)["resource"] == "/a"
     assert fake.calls[0] == fake.calls[1]
 
 
-def test_restart_between_calls(sock: Path) -> None:
+def test_restart_between_calls(sock: Path, make_client: Any) -> None:
     fake = FakeLockd(sock, lambda m, n: [lease(m["parameters"])]).start()
-    with Client(sock, timeout=5) as c:
+    with make_client(sock, timeout=5) as c:
         c.acquire("/a", pid=1)
         fake.crash()  # the kept connection is dead and the socket refuses for a while
         threading.Timer(0.15, fake.start).start()
         assert c.acquire("/a", pid=1)["token"] == 7
 
 
-def test_retry_false_is_not_resent(sock: Path) -> None:
+def test_retry_false_is_not_resent(sock: Path, make_client: Any) -> None:
     fake = FakeLockd(sock, lambda m, n: None).start()
-    with Client(sock, timeout=5) as c, pytest.raises(DaemonUnreachable, match="not resent"):
+    with make_client(sock, timeout=5) as c, pytest.raises(DaemonUnreachable, match="not resent"):
         c.call("io.lockd.Admin.Reexec", retry=False)
     assert len(fake.calls) == 1
 
 
 @pytest.mark.parametrize("hung", [False, True])
-def test_timeout_gives_daemon_unreachable(sock: Path, hung: bool) -> None:
+def test_timeout_gives_daemon_unreachable(sock: Path, hung: bool, make_client: Any) -> None:
     if hung:
         FakeLockd(sock, lambda m, n: []).start()
     t0 = time.monotonic()
-    with Client(sock, timeout=0.3) as c, pytest.raises(DaemonUnreachable) as info:
+    with make_client(sock, timeout=0.3) as c, pytest.raises(DaemonUnreachable) as info:
         c.inquire(pid=1)
     assert 0.3 <= time.monotonic() - t0 < 1.5
     assert str(sock) in str(info.value)
     assert ("no reply" in str(info.value)) == hung
 
 
-def test_watch_resubscribes_and_client_stays_usable(sock: Path) -> None:
+def test_watch_resubscribes_and_client_stays_usable(sock: Path, make_client: Any) -> None:
     def handler(m: Msg, n: int) -> list[Msg]:
         if m["method"] != "io.lockd.Watch":
             return [{"parameters": {"owner": {}, "leases": []}}]
@@ -159,7 +165,7 @@ def test_watch_resubscribes_and_client_stays_usable(sock: Path) -> None:
         return ev + [{"parameters": {"event": {"event": "release"}}, "continues": n == 1}]
 
     fake = FakeLockd(sock, handler).start()
-    with Client(sock, timeout=5) as c:
+    with make_client(sock, timeout=5) as c:
         events = c.watch(pid=1)
         assert [next(events)["event"], next(events)["event"]] == ["watching", "release"]
         assert c.inquire(pid=1) == {"owner": {}, "leases": []}  # own connection for calls
@@ -168,20 +174,22 @@ def test_watch_resubscribes_and_client_stays_usable(sock: Path) -> None:
         assert [e["event"] for e in events] == ["watching", "release"]
 
 
-def test_close_from_another_thread_ends_watch(sock: Path) -> None:
+def test_close_from_another_thread_ends_watch(sock: Path, make_client: Any) -> None:
     ev = {"parameters": {"event": {"event": "watching"}}, "continues": True}
     FakeLockd(sock, lambda m, n: [ev]).start()
-    c = Client(sock)
+    c = make_client(sock)
     events = c.watch(owner="u")
     assert next(events)["event"] == "watching"
     threading.Timer(0.1, c.close).start()
     assert list(events) == []
 
 
-def test_large_reply_and_env_socket(sock: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_reply_and_env_socket(
+    sock: Path, monkeypatch: pytest.MonkeyPatch, make_client: Any
+) -> None:
     big = [{"resource": f"/img/{i}", "pad": "x" * 200} for i in range(20_000)]
     FakeLockd(sock, lambda m, n: [{"parameters": {"leases": big}}]).start()
     monkeypatch.setenv("LOCKD_ADMIN_SOCKET", str(sock))
-    with Client(admin=True) as c:
+    with make_client(admin=True) as c:
         assert c.socket_path == sock
         assert c.list_leases() == big

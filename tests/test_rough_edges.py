@@ -32,7 +32,9 @@ def dead_pid(owners: Owners) -> int:
     return p.pid
 
 
-def test_shared_on_own_exclusive_says_why(daemon: Daemon, owners: Owners, files: list[Path]) -> None:
+def test_shared_on_own_exclusive_says_why(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
     vm = owners.spawn()
     assert daemon.lockctl("acquire", str(files[0]), "--pid", str(vm.pid)).returncode == 0
     out = daemon.lockctl("acquire", str(files[0]), "--pid", str(vm.pid), "--shared")

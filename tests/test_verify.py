@@ -143,7 +143,9 @@ def test_file_replaced_on_disk(busy: Daemon, files: list[Path]) -> None:
 
 def test_orphan_lock(busy: Daemon) -> None:
     # the daemon's fd on its journal: locked on byte 0, that is a lock held for no lease
-    fds = {int(n): os.readlink(f"/proc/{busy.pid}/fd/{n}") for n in os.listdir(f"/proc/{busy.pid}/fd")}
+    fds = {
+        int(n): os.readlink(f"/proc/{busy.pid}/fd/{n}") for n in os.listdir(f"/proc/{busy.pid}/fd")
+    }
     journal = next(n for n, target in fds.items() if target.endswith("/journal.sqlite"))
     fd = steal_fd(busy.pid, journal)
     try:

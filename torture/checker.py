@@ -31,7 +31,9 @@ Invariants (each violation is named, logged and counted):
   ``fenced-without-loss``: an owner SIGKILLed with no lost lease to show for it;
 - ``owner-death-not-released``: a dead owner still registered after ``settle_timeout``;
 - ``token-went-back``: ``Status.next_token`` not above every token ever acknowledged;
-- ``host-rebooted``: leases closed as if the host had rebooted (same boot: never).
+- ``host-rebooted``: leases closed as if the host had rebooted (same boot: never);
+- ``verify-drift`` / ``verify``: at the end, ``lockctl verify`` found drift between the
+  daemon's account of its lease fds and the kernel's locks, or could not run.
 """
 
 from __future__ import annotations
@@ -349,6 +351,21 @@ class Checker:
                 "token-went-back",
                 f"Status.next_token {nxt} is not above token {top}, already acknowledged",
             )
+
+    def verify(self) -> None:
+        """``lockctl verify``: lockd's own account of its fds against the kernel's locks
+        (and the fd store under systemd); run once at the end, with everything at rest."""
+        out = subprocess.run(
+            [sys.executable, "-m", "lockd.cli", "--admin-socket", str(self.lockd.admin_socket),
+             "verify", "-J"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        self.stats["verify runs"] += 1
+        if out.returncode == 7:
+            for f in json.loads(out.stdout)["verify"]["drift"]:
+                self.violation("verify-drift", f"lockctl verify: {f}")
+        elif out.returncode != 0:
+            self.violation("verify", f"lockctl verify exited {out.returncode}: {out.stderr}")
 
     def _lockctl(self) -> list[tuple[str, str, str, int, str]] | None:
         out = subprocess.run(

@@ -381,6 +381,8 @@ class Torture:
                 self.stats["recoveries"] += 1
                 self.gaps.append((t, ready))
                 self.check(lockctl=True)
+                if not self.log.violations:
+                    self.checker.verify()
         self.stats["wall ms"] = int((time.monotonic() - t_start) * 1000)
         return 1 if self.log.violations else 0
 
@@ -435,6 +437,7 @@ class Torture:
             f"fenced; competitor grabs {self.competitor.grabs}",
             f"freezes     {s['freezes']} (SIGSTOP a few ms during a run)",
             f"checks      {self.checker.checks} (lockctl {c['lockctl checks']}, "
+            f"lockctl verify {c['verify runs']}, "
             f"leases held at checks {c['leases held at checks']}, max settle "
             f"{c['max settle ms']} ms)",
             "phases      "
