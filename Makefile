@@ -1,5 +1,6 @@
 # The two commands (README): `make run` and `make test`. Everything else has its own target.
-.PHONY: setup run test lint clean install demo bench torture
+.PHONY: setup run test lint clean install install-docs docs demo bench torture
+PREFIX ?= /usr/local
 
 setup:
 	@sh scripts/setup.sh
@@ -34,8 +35,24 @@ torture: setup
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
 
-# Install for real: console scripts on PATH, units in /etc/systemd/system, sockets enabled.
-install: setup
+# The manual, the sample config and the completion, from man/manual.toml and the parsers
+# (scripts/manpages.py); commit what it writes (tests/test_docs.py checks it is current).
+docs: setup
+	.venv/bin/python scripts/manpages.py
+
+# Man pages, bash completion, and the sample config unless one exists (DESTDIR, PREFIX).
+install-docs:
+	install -D -m 0644 man/lockd.8 $(DESTDIR)$(PREFIX)/share/man/man8/lockd.8
+	install -D -m 0644 man/lockctl.1 $(DESTDIR)$(PREFIX)/share/man/man1/lockctl.1
+	install -D -m 0644 man/lockd.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/lockd.conf.5
+	install -D -m 0644 completion/lockctl.bash \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions/lockctl
+	[ -e $(DESTDIR)/etc/lockd/lockd.conf ] || \
+		install -D -m 0644 etc/lockd.conf $(DESTDIR)/etc/lockd/lockd.conf
+
+# Install for real: console scripts on PATH, units in /etc/systemd/system, sockets enabled,
+# and the docs above.
+install: setup install-docs
 	ln -sf $(CURDIR)/.venv/bin/lockd /usr/local/bin/lockd
 	ln -sf $(CURDIR)/.venv/bin/lockctl /usr/local/bin/lockctl
 	install -m 0644 systemd/lockd.service systemd/lockd.socket systemd/lockd-admin.socket /etc/systemd/system/

@@ -380,7 +380,8 @@ def setup_logging(level: str) -> None:
     root.propagate = False
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """lockd's command line (also the source of the OPTIONS in lockd(8))."""
     p = argparse.ArgumentParser(
         prog="lockd",
         description="Crash-safe lock manager for virtualization hosts (runs in the foreground).",
@@ -388,13 +389,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "3 another lockd runs on this state directory. Failpoints for tests: "
         f"{failpoint.ENV}=NAME[@N][,...] with NAME in {', '.join(failpoint.POINTS)}.",
     )
-    p.add_argument("--config", type=Path, help="TOML config file (default /etc/lockd/lockd.conf)")
-    p.add_argument("--state-dir", type=Path, help="journal directory")
-    p.add_argument("--socket", type=Path, help="main (io.lockd) socket path")
-    p.add_argument("--admin-socket", type=Path, help="admin (io.lockd.Admin) socket path")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--config", metavar="FILE", type=Path,
+        help="TOML config file (default /etc/lockd/lockd.conf)",
+    )  # fmt: skip
+    p.add_argument("--state-dir", metavar="DIR", type=Path, help="journal directory")
+    p.add_argument("--socket", metavar="PATH", type=Path, help="main (io.lockd) socket path")
+    p.add_argument(
+        "--admin-socket", metavar="PATH", type=Path, help="admin (io.lockd.Admin) socket path"
+    )
+    p.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the daemon's log level (default INFO, or the config file's log_level)",
+    )  # fmt: skip
     p.add_argument("--version", action="version", version=f"lockd {__version__}")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
