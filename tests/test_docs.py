@@ -171,8 +171,13 @@ def test_make_install_docs(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    for rel in ("share/man/man8/lockd.8", "share/man/man1/lockctl.1",
-                "share/man/man5/lockd.conf.5", "share/bash-completion/completions/lockctl"):  # fmt: skip
+    installed = (
+        "share/man/man8/lockd.8",
+        "share/man/man1/lockctl.1",
+        "share/man/man5/lockd.conf.5",
+        "share/bash-completion/completions/lockctl",
+    )
+    for rel in installed:
         assert (tmp_path / "usr/local" / rel).is_file(), rel
     conf = tmp_path / "etc/lockd/lockd.conf"
     assert conf.read_text() == (REPO / "etc" / "lockd.conf").read_text()
