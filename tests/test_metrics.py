@@ -19,6 +19,8 @@ import pytest
 from e2e import Daemon, Owners, hold_lock, probe, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+import lockd
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -94,7 +96,7 @@ def test_lockctl_metrics_count_what_happened(
     assert value(got, "lockd_journal_bytes", file="wal") > 0
     assert value(got, "lockd_fd_store_enabled") == 0
     assert value(got, "lockd_fd_store_names_limit_bytes") > 100_000
-    assert value(got, "lockd_info", version="0.1.0") == 1
+    assert value(got, "lockd_info", version=lockd.__version__) == 1
     assert 0 <= value(got, "lockd_recovery_duration_seconds") < 30
     # -J is the daemon's snapshot as it came
     snap = d.lockctl_json("metrics")["metrics"]
