@@ -295,8 +295,15 @@ def _event(header: Header, buf: bytes | bytearray | memoryview, start: int, end:
     decode = _DECODERS.get(header.procedure)
     if decode is None:
         return Rejected(header, rpc_error(f"unknown procedure: {header.procedure}"))
+    reader = _Reader(buf, start, end)
     try:
-        args = decode(_Reader(buf, start, end))
+        if header.type == MsgType.CALL_WITH_FDS:
+            # a word with the number of fds passed (SCM_RIGHTS) precedes the arguments; no
+            # procedure of this program takes any, and we never receive them
+            nfds = reader.u32()
+            if nfds:
+                return Rejected(header, rpc_error(f"no procedure takes file descriptors ({nfds})"))
+        args = decode(reader)
     except _Short:
         return Rejected(header, rpc_error("Unable to decode message payload"))
     return Call(header, args)
