@@ -879,7 +879,8 @@ def test_switching_a_debian_libvirt_host(system_manager: sd.SystemManager) -> No
         sh("systemctl daemon-reload")
         old = m.main_pid()
         with sd.Observer([files[2]]) as obs:
-            sh("systemctl kill --kill-who=main --signal=SIGTERM lockd.service")
+            sh("systemctl is-active -q lockd.service &&",
+               "systemctl kill --kill-who=main --signal=SIGTERM lockd.service")  # fmt: skip
             m.wait_running(not_pid=old)
             seen = obs.stop()
         assert seen.free == 0, seen.free_examples  # lockd's own lease: the store was kept
