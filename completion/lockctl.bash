@@ -15,7 +15,7 @@ _lockctl() {
             local cols
             case $cmd in
                 locks) cols="LOCKSPACE RESOURCE MODE OWNER PID TOKEN STATE SINCE PATH UUID NAME CONTINUITY" ;;
-                owners) cols="UUID NAME PID UID FENCE LEASES SINCE START" ;;
+                owners) cols="UUID NAME PID DOMID UID FENCE LEASES SINCE START" ;;
                 history) cols="SEQ TIME EVENT LOCKSPACE RESOURCE OWNER PID TOKEN REASON MODE" ;;
                 acquire) cols="LOCKSPACE RESOURCE MODE OWNER PID TOKEN STATE SINCE PATH UUID NAME CONTINUITY" ;;
                 release) cols="LOCKSPACE RESOURCE MODE OWNER PID TOKEN STATE SINCE PATH UUID NAME CONTINUITY" ;;
