@@ -19,6 +19,11 @@ $PY -c 'import ensurepip' >/dev/null 2>&1 || need="$need python3-venv"
 # but a minimal image may lack them.
 command -v systemctl >/dev/null 2>&1 || need="$need systemd"
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"
+# The libvirt end-to-end tests (tests/test_libvirt.py) run a real libvirtd, virtlockd and TCG
+# QEMU; these four (Debian 12: libvirt 9.0.0, QEMU 7.2) ship no service units and start nothing.
+for pkg in libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+done
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "setup: missing Debian packages:$need (run as root, or apt-get install them)" >&2
@@ -26,7 +31,9 @@ if [ -n "$need" ]; then
     fi
     echo "setup: installing$need"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
+    # another apt-get may hold dpkg's lock (a shared machine): wait for it instead of failing
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        -o DPkg::Lock::Timeout=300 $need >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
