@@ -367,7 +367,12 @@ class Restart:
 
     old_pid: int
     new_pid: int
-    kill_to_ready: float  # seconds from the signal to the new instance accepting calls
+    killed_at: float  # CLOCK_MONOTONIC, seconds (the test's time.monotonic())
+    ready_at: float  # the new instance ready (READY=1, or accepting connections)
+
+    @property
+    def kill_to_ready(self) -> float:
+        return self.ready_at - self.killed_at
 
 
 class LockDaemon:
@@ -433,7 +438,7 @@ class _TransientDaemon(LockDaemon):
         self.host.run_inside("systemd-run", f"--unit={DAEMON_UNIT}", *self.unit_props(),
                              *self.argv())  # fmt: skip
         wait_until(self.ready, 60, 0.005, f"{self.name} to accept connections again")
-        return Restart(old, self.pid(), time.monotonic() - t0)
+        return Restart(old, self.pid(), t0, time.monotonic())
 
 
 class Virtlockd(_TransientDaemon):
@@ -524,7 +529,7 @@ class SystemdLockd(LockDaemon):
 
     def kill_and_restart(self, sig: int = signal.SIGABRT) -> Restart:
         r = self.host.sm.kill_and_wait(sig)
-        return Restart(r.old_pid, r.new_pid, r.to_ready)
+        return Restart(r.old_pid, r.new_pid, r.killed_at, r.ready_at)
 
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.host.sm.socket, self.host.sm.admin_socket, *args)

@@ -23,7 +23,8 @@ from typing import Any
 
 import libvirt_harness as lh
 import pytest
-from e2e import probe_setlk_elsewhere, wait_until
+import sd_harness as sd
+from e2e import probe, probe_setlk_elsewhere, wait_until
 
 DOMAINS = {
     "vl-a": ("00000000-e2e0-4000-8000-00000000000a", "shared.img"),
@@ -148,5 +149,275 @@ def test_virtlockd_loses_its_locks_in_a_crash(
     assert probe_setlk_elsewhere(disk) == "held"  # the orphan: until virtlockd restarts
 
 
-def _unused(*_: Any) -> None:  # keeps imports used until the lockd scenarios land
-    pass
+# --- lockd on the compatibility socket ----------------------------------------------------------
+
+
+def leases(d: lh.DirectLockd | lh.SystemdLockd) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = d.lockctl("locks")["leases"]
+    return result
+
+
+def lease_of(host: lh.LibvirtHost, d: lh.DirectLockd | lh.SystemdLockd, dom: str) -> dict[str, Any]:
+    """The one lease on ``dom``'s disk, checked against the domain: its name, uuid, QEMU pid."""
+    disk = str(host.domains[dom].disk)
+    mine = [x for x in leases(d) if x["resource"] == disk]
+    assert len(mine) == 1, leases(d)
+    lease = mine[0]
+    assert lease["owner"]["name"] == dom, lease
+    assert lease["owner"]["uuid"] == host.domains[dom].uuid, lease
+    assert lease["owner"]["pid"] == host.qemu_pid(dom), lease
+    assert (lease["mode"], lease["state"]) == ("exclusive", "held"), lease
+    return lease
+
+
+def held_by_lockd(disk: Path) -> bool:
+    """An exclusive OFD lock (lockd's kind) on byte 0, and another process cannot take it."""
+    return probe(disk) == "exclusive" and probe_setlk_elsewhere(disk) == "held"
+
+
+def assert_no_orphan(host: lh.LibvirtHost, d: lh.DirectLockd | lh.SystemdLockd) -> None:
+    """Every domain off, lockd lists no lease, and every disk is free for anyone."""
+    host.destroy_all()
+    wait_until(lambda: leases(d) == [], 30, 0.05, "no lease left")
+    for disk in {dom.disk for dom in host.domains.values()}:
+        assert probe(disk) == "free" and probe_setlk_elsewhere(disk) == "free", disk
+
+
+def refused(host: lh.LibvirtHost, dom: str) -> None:
+    """``virsh start dom`` fails with libvirt's "resource busy" and leaves it shut off."""
+    out, _ = host.start(dom)
+    assert out.returncode != 0 and busy(host.domains[dom].disk) in out.stderr, out.stderr
+    assert host.state(dom) == "shut off"
+
+
+def started(host: lh.LibvirtHost, dom: str, figures: Figures | None = None, what: str = "") -> None:
+    out, took = host.start(dom)
+    assert out.returncode == 0, out.stderr
+    assert host.state(dom) == "running"
+    if figures is not None:
+        figures.ms(what or f"virsh start {dom}", took)
+
+
+@pytest.fixture
+def lockd_direct(host: lh.LibvirtHost, request: pytest.FixtureRequest) -> Iterator[lh.DirectLockd]:
+    d = lh.DirectLockd(host)
+    d.wipe()
+    yield d
+    _finish(host, d, request)
+    d.wipe()
+
+
+@pytest.fixture
+def lockd_systemd(
+    host: lh.LibvirtHost, request: pytest.FixtureRequest
+) -> Iterator[lh.SystemdLockd]:
+    d = lh.SystemdLockd(host)
+    d.stop()
+    yield d
+    _finish(host, d, request)
+
+
+def test_lockd_start_busy_destroy(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd, figures: Figures
+) -> None:
+    """virsh start -> the lease, with the domain's name and uuid; a second domain on the disk
+    is refused with libvirt's "resource busy"; virsh destroy -> the lease is gone."""
+    d = lockd_direct
+    disk = host.domains["vl-a"].disk
+    figures.ms("lockd on its own: start to READY=1", d.start())
+    started(host, "vl-a", figures, "lockd: virsh start vl-a")
+    lease_of(host, d, "vl-a")
+    assert held_by_lockd(disk)
+    out, took = host.start("vl-b")
+    figures.ms("lockd: virsh start vl-b refused (resource busy)", took)
+    assert out.returncode != 0 and busy(disk) in out.stderr, out.stderr
+    assert host.state("vl-b") == "shut off"
+    assert host.state("vl-a") == "running" and len(leases(d)) == 1
+    t0 = time.monotonic()
+    host.virsh("destroy", "vl-a", check=True)
+    wait_until(lambda: probe(disk) == "free", 30, 0.01, "vl-a's disk free after destroy")
+    figures.ms("lockd: virsh destroy vl-a to its disk free", time.monotonic() - t0)
+    assert leases(d) == []
+    assert_no_orphan(host, d)
+
+
+def test_lockd_kill9_and_restart_keeps_the_lease(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd, figures: Figures
+) -> None:
+    """kill -9 lockd and start it again: the lease is re-taken from the journal (same token,
+    same owner) and the second domain is still refused."""
+    d = lockd_direct
+    disk = host.domains["vl-a"].disk
+    d.start()
+    started(host, "vl-a")
+    before = lease_of(host, d, "vl-a")
+    r = d.kill_and_restart(signal.SIGKILL)
+    figures.ms("lockd on its own: kill -9 to the new instance's READY=1", r.kill_to_ready)
+    assert r.new_pid != r.old_pid
+    after = lease_of(host, d, "vl-a")
+    assert after["token"] == before["token"], (before, after)
+    assert held_by_lockd(disk)
+    assert d.lockctl("status")["status"]["recovery"]["retaken"] == 1
+    refused(host, "vl-b")
+    assert host.state("vl-a") == "running"
+    assert_no_orphan(host, d)
+
+
+def test_lockd_suspend_and_resume(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd, figures: Figures
+) -> None:
+    """virsh suspend releases the lease (libvirt sends RELEASE twice), resume takes it again;
+    while paused the disk is free, as with virtlockd (trace.txt)."""
+    d = lockd_direct
+    disk = host.domains["vl-life"].disk
+    d.start()
+    started(host, "vl-life")
+    first = lease_of(host, d, "vl-life")
+    mark = host.log_mark()
+    t0 = time.monotonic()
+    host.virsh("suspend", "vl-life", check=True)
+    figures.ms("lockd: virsh suspend", time.monotonic() - t0)
+    assert host.state("vl-life") == "paused"
+    assert leases(d) == [] and probe(disk) == "free"
+    warnings = host.log_since(mark).count("Unable to release lease on vl-life")
+    figures.add(
+        f"lockd: libvirt's second RELEASE at suspend: {warnings} 'Unable to release lease' "
+        "warning(s) in libvirtd's log (virtlockd: 1, its ERROR 87 'is not locked')"
+    )
+    t0 = time.monotonic()
+    host.virsh("resume", "vl-life", check=True)
+    figures.ms("lockd: virsh resume", time.monotonic() - t0)
+    assert host.state("vl-life") == "running"
+    again = lease_of(host, d, "vl-life")
+    assert again["token"] > first["token"]
+    assert held_by_lockd(disk)
+    assert_no_orphan(host, d)
+
+
+def test_lockd_domain_resumed_after_a_restart_leaves_no_orphan(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd
+) -> None:
+    """virtlockd's second bug (X4-X6) with lockd: a domain suspended and resumed after a
+    restart of the daemon (its hook connection died with the old instance) and then destroyed
+    leaves no lock: lockd follows the QEMU process, not the connection."""
+    d = lockd_direct
+    disk = host.domains["vl-a"].disk
+    d.start()
+    started(host, "vl-a")
+    d.kill_and_restart(signal.SIGKILL)
+    refused(host, "vl-b")  # virtlockd let it in here (X4's premise)
+    host.virsh("suspend", "vl-a", check=True)
+    assert leases(d) == [] and probe(disk) == "free"
+    host.virsh("resume", "vl-a", check=True)
+    lease_of(host, d, "vl-a")
+    assert held_by_lockd(disk)
+    host.virsh("destroy", "vl-a", check=True)
+    wait_until(lambda: leases(d) == [], 30, 0.02, "vl-a's lease gone with its QEMU")
+    assert probe(disk) == "free"
+    started(host, "vl-b")  # virtlockd refused it here (X6)
+    lease_of(host, d, "vl-b")
+    assert_no_orphan(host, d)
+
+
+def test_lockd_down_while_its_domain_is_destroyed(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd
+) -> None:
+    """A domain destroyed while lockd is dead (libvirt sends nothing at destroy): the lease is
+    released when lockd comes back and finds its QEMU gone, not left behind."""
+    d = lockd_direct
+    disk = host.domains["vl-a"].disk
+    d.start()
+    started(host, "vl-a")
+    lease_of(host, d, "vl-a")
+    old = d.pid()
+    host.sm.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", lh.DAEMON_UNIT)
+    wait_until(lambda: d.pid() != old, 30, 0.01, "lockd dead")
+    host.virsh("destroy", "vl-a", check=True)
+    assert host.state("vl-a") == "shut off"
+    d.start()
+    assert leases(d) == [] and probe(disk) == "free"
+    assert d.lockctl("status")["status"]["recovery"]["released"] == 1
+    started(host, "vl-b")
+    lease_of(host, d, "vl-b")
+    assert_no_orphan(host, d)
+
+
+def test_lockd_aborted_under_systemd_never_frees_the_disk(
+    host: lh.LibvirtHost, lockd_systemd: lh.SystemdLockd, figures: Figures
+) -> None:
+    """lockd under the project's units (lockd-virtlockd.socket, the fd store), aborted while a
+    domain runs: an observer polling the disk never sees it free, the lease is adopted (kept,
+    not re-taken), and the second domain is still refused."""
+    d = lockd_systemd
+    disk = host.domains["vl-a"].disk
+    d.start()
+    assert host.sm.prop(lh.sd.SERVICE, "ActiveState") == "inactive"
+    started(host, "vl-a", figures, "lockd under systemd: virsh start vl-a (socket-activates lockd)")
+    before = lease_of(host, d, "vl-a")
+    assert held_by_lockd(disk)
+    assert int(host.sm.prop(lh.sd.SERVICE, "NFileDescriptorStore")) == 1
+    with sd.Observer([disk]) as obs:
+        time.sleep(0.05)
+        r = d.kill_and_restart(signal.SIGABRT)
+        time.sleep(0.05)
+        seen = obs.stop()
+    figures.ms("lockd under systemd: SIGABRT to the new instance's READY=1", r.kill_to_ready)
+    figures.add(f"lockd under systemd: observer during the abort: {seen.summary()}")
+    assert seen.free == 0, seen.free_examples
+    n, longest = seen.during(r.killed_at, r.ready_at)
+    figures.add(
+        f"  {n} sweeps between the abort and READY=1, at most {longest * 1000:.1f} ms apart"
+    )
+    assert n > 0
+    after = lease_of(host, d, "vl-a")
+    assert after["token"] == before["token"]
+    assert d.lockctl("status")["status"]["recovery"]["adopted"] == 1
+    refused(host, "vl-b")
+    assert host.state("vl-a") == "running"
+    assert_no_orphan(host, d)
+
+
+def test_lockd_reexec_while_domains_run(
+    host: lh.LibvirtHost, lockd_systemd: lh.SystemdLockd, figures: Figures
+) -> None:
+    """An upgrade in place (``lockctl reexec``) while two domains run: no lock is ever free
+    (observer), every lease keeps its token, and libvirt's later calls work."""
+    d = lockd_systemd
+    disks = [host.domains["vl-a"].disk, host.domains["vl-life"].disk]
+    d.start()
+    started(host, "vl-a")
+    started(host, "vl-life")
+    before = {x["resource"]: x["token"] for x in leases(d)}
+    assert len(before) == 2
+    status = d.lockctl("status")["status"]
+    with sd.Observer(disks) as obs:
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        d.lockctl("reexec")
+        new = wait_until(
+            lambda: (
+                (s := d.lockctl("status")["status"])["started_at"] != status["started_at"] and s
+            ),
+            60,
+            0.02,
+            "the re-executed lockd to answer",
+        )
+        took = time.monotonic() - t0
+        time.sleep(0.05)
+        seen = obs.stop()
+    figures.ms("lockd under systemd: lockctl reexec to the new image answering", took)
+    figures.add(f"lockd under systemd: observer during the re-exec: {seen.summary()}")
+    assert seen.free == 0, seen.free_examples
+    assert new["pid"] == status["pid"] == d.pid()
+    assert {x["resource"]: x["token"] for x in leases(d)} == before
+    # later operations: suspend/resume, a refusal, destroy, a new start
+    host.virsh("suspend", "vl-life", check=True)
+    assert probe(disks[1]) == "free"
+    host.virsh("resume", "vl-life", check=True)
+    lease_of(host, d, "vl-life")
+    refused(host, "vl-b")
+    host.virsh("destroy", "vl-a", check=True)
+    wait_until(lambda: probe(disks[0]) == "free", 30, 0.02, "vl-a's disk free")
+    started(host, "vl-b")
+    lease_of(host, d, "vl-b")
+    assert_no_orphan(host, d)
