@@ -76,7 +76,6 @@ BINARIES = (
 PACKAGES = "libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils"
 VIRTLOCKD_SOCK = "/run/libvirt/virtlockd-sock"
 VIRTLOCKD_UNIT = "lockd-virtlockd.socket"
-LIBVIRTD_UNIT = "e2e-libvirtd.service"
 DAEMON_UNIT = "e2e-lockdaemon.service"  # virtlockd, or lockd on its own (one at a time)
 DISK_MIB = 16
 
@@ -193,7 +192,7 @@ class LibvirtHost:
         self.img = self.sm.shared / "img"
         self.domains: dict[str, Domain] = {}
         self.libvirtd_ready_s = 0.0
-        self.libvirtd_pid = 0
+        self.libvirtd_starts = 0
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -258,25 +257,27 @@ class LibvirtHost:
     def start_libvirtd(self) -> float:
         """Start libvirtd (a transient unit) and wait until virsh gets an answer; seconds."""
         t0 = time.monotonic()
-        # KillMode=process, as libvirt's own unit: domains outlive a stop of libvirtd
-        self.run_inside("systemd-run", f"--unit={LIBVIRTD_UNIT}", "--property=Type=exec",
+        self.libvirtd_starts += 1
+        # KillMode=process, as libvirt's own unit: domains outlive a stop of libvirtd; their
+        # QEMUs keep that unit loaded, so each start gets a unit name of its own
+        self.libvirtd_unit = f"e2e-libvirtd-{self.libvirtd_starts}.service"
+        self.run_inside("systemd-run", f"--unit={self.libvirtd_unit}", "--property=Type=exec",
                         "--property=KillMode=process", "--property=CollectMode=inactive-or-failed",
                         "/usr/sbin/libvirtd", "-f", "/etc/libvirt/libvirtd.conf")  # fmt: skip
 
         def answers() -> bool:
-            if self.sm.prop(LIBVIRTD_UNIT, "ActiveState") != "active":
+            if self.sm.prop(self.libvirtd_unit, "ActiveState") != "active":
                 raise AssertionError(f"libvirtd died at start:\n{self.libvirtd_log()[-3000:]}")
             return self.virsh("version").returncode == 0
 
         wait_until(answers, 60, 0.05, "libvirtd to answer virsh")
         self.libvirtd_ready_s = time.monotonic() - t0
-        self.libvirtd_pid = int(self.sm.prop(LIBVIRTD_UNIT, "MainPID"))
         return self.libvirtd_ready_s
 
     def stop_libvirtd(self) -> None:
         """Stop libvirtd alone; the domains keep running (KillMode=process)."""
-        self.sm.systemctl("kill", "--kill-who=main", "--signal=SIGTERM", LIBVIRTD_UNIT)
-        wait_until(lambda: self.sm.prop(LIBVIRTD_UNIT, "ActiveState") != "active", 60, 0.05,
+        self.sm.systemctl("kill", "--kill-who=main", "--signal=SIGTERM", self.libvirtd_unit)
+        wait_until(lambda: self.sm.prop(self.libvirtd_unit, "ActiveState") != "active", 60, 0.05,
                    "libvirtd to stop")  # fmt: skip
 
     def _define(self) -> None:

@@ -15,6 +15,7 @@ as they come).
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
 from collections.abc import Iterator
@@ -339,6 +340,45 @@ def test_lockd_down_while_its_domain_is_destroyed(
     assert d.lockctl("status")["status"]["recovery"]["released"] == 1
     started(host, "vl-b")
     lease_of(host, d, "vl-b")
+    assert_no_orphan(host, d)
+
+
+def test_lockd_indirect_leases_in_a_file_lockspace_dir(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd, figures: Figures
+) -> None:
+    """``file_lockspace_dir`` in qemu-lockd.conf: libvirtd sends CREATE_LOCKSPACE when it
+    starts, then leases on lease files named by the SHA-256 of each disk path (AUTOCREATE);
+    lockd locks those files, not the disks, and refuses a second domain the same way."""
+    d = lockd_direct
+    lockspace = host.sm.shared / "lockspace"
+    lockspace.mkdir(exist_ok=True)
+    disk = host.domains["vl-a"].disk
+    lease_file = lockspace / hashlib.sha256(str(disk).encode()).hexdigest()
+    d.start()  # before libvirtd: its lock driver creates the lockspace as it starts
+    host.stop_libvirtd()
+    host.write_conf("qemu-lockd.conf", lh.QEMU_LOCKD_CONF + f'file_lockspace_dir = "{lockspace}"\n')
+    try:
+        figures.ms("lockd: libvirtd restart with file_lockspace_dir", host.start_libvirtd())
+        started(host, "vl-a")
+        assert held_by_lockd(lease_file)
+        assert probe(disk) == "free"  # the disk itself is not locked: its lease file is
+        [lease] = leases(d)
+        assert (lease["owner"]["name"], lease["owner"]["uuid"]) == (
+            "vl-a",
+            host.domains["vl-a"].uuid,
+        )
+        assert lease["resource"] == lease_file.name or lease["path"] == str(lease_file), lease
+        out, _ = host.start("vl-b")
+        assert out.returncode != 0 and "resource busy: Lockspace resource" in out.stderr, out.stderr
+        assert host.state("vl-b") == "shut off"
+        host.virsh("destroy", "vl-a", check=True)
+        wait_until(lambda: leases(d) == [], 30, 0.02, "vl-a's lease gone")
+        assert probe_setlk_elsewhere(lease_file) == "free"
+    finally:
+        host.destroy_all()
+        host.stop_libvirtd()
+        host.write_conf("qemu-lockd.conf", lh.QEMU_LOCKD_CONF)
+        host.start_libvirtd()
     assert_no_orphan(host, d)
 
 
