@@ -110,6 +110,8 @@ OWNER_COLUMNS = (
     Column("UUID", _field("uuid")),
     Column("NAME", _field("name")),
     Column("PID", _field("pid"), right=True),
+    # the VM manager's number for the owner (libvirt's domain id), empty if it gave none
+    Column("DOMID", _field("domain_id"), right=True),
     Column("UID", _field("uid"), right=True),
     Column("FENCE", _field("fence")),
     Column("LEASES", _field("leases"), right=True),

@@ -88,6 +88,9 @@ class Config:
     admin_socket: Path = field(default_factory=lambda: default_runtime_dir() / ADMIN_SOCKET_NAME)
     # group allowed to use the main socket (mode 0660 instead of 0600); None: root only
     socket_group: str | None = None
+    # virtlockd's protocol on this socket (libvirt's /run/libvirt/virtlockd-sock) when not
+    # socket-activated; None: not listening (under systemd, lockd-virtlockd.socket passes it)
+    virtlockd_socket: Path | None = None
     # name -> directory of an indirect lockspace (lease files are DIR/sha256(resource))
     lockspaces: dict[str, Path] = field(default_factory=dict)
     # policy for owners registered without one: kill | term | none
@@ -129,6 +132,16 @@ class Config:
                 raise ConfigError(f"{name} must be an absolute path, got {value!r}")
         if self.socket == self.admin_socket:
             raise ConfigError("socket and admin_socket must differ")
+        if self.virtlockd_socket is not None:
+            if (
+                not isinstance(self.virtlockd_socket, Path)
+                or not self.virtlockd_socket.is_absolute()
+            ):
+                raise ConfigError(
+                    f"virtlockd_socket must be an absolute path, got {self.virtlockd_socket!r}"
+                )
+            if self.virtlockd_socket in (self.socket, self.admin_socket):
+                raise ConfigError("virtlockd_socket must differ from socket and admin_socket")
         for ls, directory in self.lockspaces.items():
             if not LOCKSPACE_NAME.match(ls) or ls == "direct":
                 raise ConfigError(f"lockspaces: invalid lockspace name {ls!r}")
@@ -169,6 +182,7 @@ KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "socket": (str, Path),
     "admin_socket": (str, Path),
     "socket_group": (str, str),
+    "virtlockd_socket": (str, Path),
     "lockspaces": (dict, lambda d: {str(k): Path(v) for k, v in d.items()}),
     "default_fence": (str, str),
     "fence_grace": ((int, float), float),

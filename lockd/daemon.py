@@ -46,6 +46,7 @@ from lockd.lockspace import Lockspaces
 from lockd.recovery import recover
 from lockd.server import Server
 from lockd.service import GroupCommit, LockService
+from lockd.virtlockd_server import VirtlockdServer
 
 log = logging.getLogger("lockd")
 
@@ -114,6 +115,7 @@ class Daemon:
         self.config = config
         self.stop = asyncio.Event()
         self.reexec_requested = False
+        self.bound: list[Path] = []  # socket paths bound here (unlinked at a clean stop)
 
     def request_reexec(self) -> None:
         self.reexec_requested = True
@@ -141,32 +143,37 @@ class Daemon:
         if handed is not None:
             return handed
         fds = notify.listen_fds()
-        sockets = {
-            name: fds.pop(name)
-            for name in (notify.MAIN_SOCKET_NAME, notify.ADMIN_SOCKET_NAME)
-            if name in fds
-        }
+        sockets = {name: fds.pop(name) for name in notify.SOCKET_NAMES if name in fds}
         mode = self.config.fd_store
         use_store = mode == "yes" or (
             mode == "auto" and (bool(sockets) or notify.store_announced())
         )
         return handover.Handover(sockets, fds, use_store)
 
-    def listening(self, inherited: dict[str, int]) -> tuple[socket.socket, socket.socket]:
+    def listening(self, inherited: dict[str, int]) -> dict[str, socket.socket]:
+        """The listening sockets by FileDescriptorName: inherited (systemd, re-exec) or
+        bound here. virtlockd's protocol is served if systemd passed its socket
+        (lockd-virtlockd.socket) or the config names one (``virtlockd_socket``)."""
         cfg = self.config
-        main_fd = inherited.get(notify.MAIN_SOCKET_NAME)
-        admin_fd = inherited.get(notify.ADMIN_SOCKET_NAME)
-        main = (
-            socket_from_fd(main_fd)
-            if main_fd is not None
-            else bind_socket(cfg.socket, 0o660 if cfg.socket_group else 0o600, cfg.socket_group)
-        )
-        admin = (
-            socket_from_fd(admin_fd)
-            if admin_fd is not None
-            else bind_socket(cfg.admin_socket, 0o600, None)
-        )
-        return main, admin
+        paths: dict[str, tuple[Path | None, int, str | None]] = {
+            notify.MAIN_SOCKET_NAME: (
+                cfg.socket,
+                0o660 if cfg.socket_group else 0o600,
+                cfg.socket_group,
+            ),
+            notify.ADMIN_SOCKET_NAME: (cfg.admin_socket, 0o600, None),
+            # root only, as virtlockd's own socket
+            notify.VIRTLOCKD_SOCKET_NAME: (cfg.virtlockd_socket, 0o600, None),
+        }
+        out: dict[str, socket.socket] = {}
+        for name, (path, mode, group) in paths.items():
+            fd = inherited.get(name)
+            if fd is not None:
+                out[name] = socket_from_fd(fd)
+            elif path is not None:
+                out[name] = bind_socket(path, mode, group)
+                self.bound.append(path)
+        return out
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -184,8 +191,11 @@ class Daemon:
             journal = Journal(self.config.journal_path, self.config.synchronous)
         except JournalUnreadable as exc:
             raise Fatal(str(exc)) from None
-        main_sock, admin_sock = self.listening(inherited.sockets)
-        lockspaces = Lockspaces(self.config.lockspaces)
+        listeners = self.listening(inherited.sockets)
+        # configured lockspaces, and the named ones created at run time (journaled)
+        lockspaces = Lockspaces(
+            self.config.lockspaces, {n: Path(d) for n, d, _kind in journal.lockspaces()}
+        )
         stored = dict(inherited.leases)
         try:
             outcome = recover(journal, lockspaces, stored)
@@ -210,7 +220,7 @@ class Daemon:
         )
         for owner in list(outcome.table.owners.values()):
             if not service.watch_owner(owner):
-                loop.create_task(service.owner_died(owner, "owner exited during recovery"))
+                service.owner_gone(owner, "owner exited during recovery")
         for uuid, lost in outcome.to_fence.items():
             fenced = outcome.table.owners.get(uuid)
             if fenced is not None:
@@ -223,7 +233,11 @@ class Daemon:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD)
         server = Server(self.config, service, outcome.report, self.request_reexec)
-        await server.start(main_sock, admin_sock)
+        await server.start(listeners[notify.MAIN_SOCKET_NAME], listeners[notify.ADMIN_SOCKET_NAME])
+        virtlockd: VirtlockdServer | None = None
+        if notify.VIRTLOCKD_SOCKET_NAME in listeners:
+            virtlockd = VirtlockdServer(self.config, service, lambda: len(server.connections))
+            await virtlockd.start(listeners[notify.VIRTLOCKD_SOCKET_NAME])
         log.info(
             "lockd %s ready: %s; %d leases held, fd store %s, fd limit %d",
             __version__,
@@ -256,10 +270,7 @@ class Daemon:
             try:
                 handover.reexec(
                     handover.Handover(
-                        {
-                            notify.MAIN_SOCKET_NAME: main_sock.fileno(),
-                            notify.ADMIN_SOCKET_NAME: admin_sock.fileno(),
-                        },
+                        {name: sock.fileno() for name, sock in listeners.items()},
                         held,
                         fdstore.enabled,
                     )
@@ -277,12 +288,13 @@ class Daemon:
             "stopping; %d leases stay journaled", outcome.table.count, extra={"LOCKD_EVENT": "stop"}
         )
         await server.close()
+        if virtlockd is not None:
+            await virtlockd.close()
         commit.flush()
         journal.close()
-        for sock_path in (self.config.socket, self.config.admin_socket):
-            if not inherited.sockets:  # systemd's sockets are systemd's to remove
-                with contextlib.suppress(OSError):
-                    os.unlink(sock_path)
+        for sock_path in self.bound:  # systemd's sockets are systemd's to remove
+            with contextlib.suppress(OSError):
+                os.unlink(sock_path)
         state_lock.release()
         return EXIT_OK
 
@@ -360,6 +372,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", type=Path, help="journal directory")
     p.add_argument("--socket", type=Path, help="main (io.lockd) socket path")
     p.add_argument("--admin-socket", type=Path, help="admin (io.lockd.Admin) socket path")
+    p.add_argument(
+        "--virtlockd-socket",
+        type=Path,
+        help="also answer virtlockd's protocol (libvirt) on this socket, e.g. "
+        "/run/libvirt/virtlockd-sock (default: only if socket-activated)",
+    )
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--version", action="version", version=f"lockd {__version__}")
     return p.parse_args(argv)
@@ -374,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=args.state_dir,
             socket=args.socket,
             admin_socket=args.admin_socket,
+            virtlockd_socket=args.virtlockd_socket,
             log_level=args.log_level,
         )
     except (ConfigError, ValueError) as exc:

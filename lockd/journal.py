@@ -68,7 +68,7 @@ _INSERT_EVENT = (
 REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _INSERT_EVENT)
 _PUT_OWNER = (
     "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
-    " registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " registered_at, domain_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -137,6 +137,14 @@ def delete_owner(uuid: str) -> list[Write]:
     ]
 
 
+def put_lockspace(name: str, directory: str, kind: str = "named") -> Write:
+    """A lockspace created at run time (migration 004)."""
+    return (
+        "INSERT OR REPLACE INTO lockspaces (name, directory, kind, created_at) VALUES (?, ?, ?, ?)",
+        (name, directory, kind, time.time()),
+    )
+
+
 def set_meta(key: str, value: str) -> Write:
     return (
         "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -145,7 +153,17 @@ def set_meta(key: str, value: str) -> Write:
     )
 
 
-_OWNER_COLUMNS = ("uuid", "name", "pid", "start_time", "boot_id", "uid", "fence", "registered_at")
+_OWNER_COLUMNS = (
+    "uuid",
+    "name",
+    "pid",
+    "start_time",
+    "boot_id",
+    "uid",
+    "fence",
+    "registered_at",
+    "domain_id",
+)
 
 
 class JournalUnreadable(ValueError):
@@ -429,6 +447,11 @@ class Journal:
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
+    def lockspaces(self) -> list[tuple[str, str, str]]:
+        """(name, directory, kind) of the lockspaces created at run time."""
+        rows = self.conn.execute("SELECT name, directory, kind FROM lockspaces ORDER BY name")
+        return [(str(n), str(d), str(k)) for n, d, k in rows]
+
     def resource_token(self, lockspace: str, rkey: str) -> int:
         """The last token granted on a resource, as far as history remembers."""
         row = self.conn.execute(
@@ -519,6 +542,7 @@ class Journal:
     def wire_owners(self) -> list[dict[str, Any]]:
         return self._dicts(
             "SELECT o.uuid, o.name, o.pid, o.uid, o.start_time, o.fence, o.registered_at,"
+            " o.domain_id,"
             " (SELECT count(*) FROM leases l WHERE l.owner = o.uuid) AS leases FROM owners o"
             " ORDER BY o.registered_at"
         )

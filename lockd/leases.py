@@ -98,8 +98,12 @@ class Owner:
     boot_id: str
     fence: str
     registered_at: float
+    # the VM manager's own number for it (libvirt's domain id), if it gave one
+    domain_id: int | None = None
     pidfd: int | None = None
     leases: dict[tuple[str, str], Lease] = field(default_factory=dict)
+    # the task releasing its leases once it died (one per owner: see LockService.owner_gone)
+    dying: asyncio.Task[None] | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -111,6 +115,7 @@ class Owner:
             "uid": self.uid,
             "fence": self.fence,
             "registered_at": self.registered_at,
+            "domain_id": self.domain_id,
         }
 
     def wire(self) -> dict[str, Any]:
@@ -122,6 +127,7 @@ class Owner:
             "start_time": self.start_time,
             "fence": self.fence,
             "registered_at": self.registered_at,
+            "domain_id": self.domain_id,
             "leases": len(self.leases),
         }
 

@@ -10,6 +10,15 @@ Theory of operation (DESIGN §2):
   GFS2, CephFS, whose own lock manager then keeps hosts apart). The resource is any string;
   its lease file is ``DIR/sha256(resource)``, created 0600 if missing, so a client can make
   the daemon create files only there and only with names it cannot choose.
+- A **named** lockspace is a directory whose lease files the client names itself: the
+  resource *is* the lease file's name (one path component), and its key is that name. It
+  exists for clients that hash their resources themselves, as libvirt's lockd driver does
+  (``file_lockspace_dir``: the lease file of a disk is ``DIR/sha256(disk path)``, so a
+  configured indirect lockspace on the same directory names the same files). Such lockspaces
+  are created at run time (virtlockd's ``CREATE_LOCKSPACE``), named by their directory, and
+  journaled by the service, so they outlive a restart of the daemon; :meth:`Lockspaces.lock`
+  creates a missing lease file 0600 as for an indirect one (whether a missing one may be
+  created is the caller's decision, made before).
 
 Paths are refused rather than repaired: a relative path, a NUL byte, ``..`` or ``//`` (anything
 ``os.path.normpath`` would change) is an :class:`InvalidResource`, because "fixing" ``..``
@@ -64,15 +73,31 @@ def direct_key(dev: int, ino: int) -> str:
     return f"{dev}:{ino}"
 
 
+def check_name(name: str) -> None:
+    """A lease file's name in a named lockspace: one path component, not '.' or '..'."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise _invalid(name, "a lease file name is one path component, without '/' or NUL")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME:
+        raise _invalid(name, f"a lease file name is at most {MAX_NAME} bytes")
+
+
 class Lockspaces:
-    def __init__(self, indirect: dict[str, Path]) -> None:
+    def __init__(self, indirect: dict[str, Path], named: dict[str, Path] | None = None) -> None:
         self.indirect = dict(indirect)
+        # name -> directory of the named lockspaces (lease file = DIR/resource)
+        self.named: dict[str, Path] = dict(named or {})
+
+    def add_named(self, name: str, directory: Path) -> None:
+        self.named[name] = directory
+
+    def remove_named(self, name: str) -> None:
+        self.named.pop(name, None)
 
     def canonical(self, lockspace: str | None) -> str:
         if lockspace in (None, "", "direct"):
             return DIRECT
         assert lockspace is not None
-        if lockspace not in self.indirect:
+        if lockspace not in self.indirect and lockspace not in self.named:
             raise InvalidResource(
                 f"unknown lockspace {lockspace!r}",
                 resource=lockspace[:256],
@@ -83,6 +108,8 @@ class Lockspaces:
     def check(self, lockspace: str, resource: str) -> None:
         if lockspace == DIRECT:
             check_path(resource)
+        elif lockspace in self.named:
+            check_name(resource)
         elif not resource or "\0" in resource or len(resource) > MAX_PATH:
             raise _invalid(resource, "a resource name is 1 to 4096 characters, without NUL")
 
@@ -92,6 +119,8 @@ class Lockspaces:
 
     def identify(self, lockspace: str, resource: str) -> tuple[str | None, os.stat_result | None]:
         """The key, and for a direct resource the stat it came from (for :meth:`lock`)."""
+        if lockspace in self.named:
+            return resource, None
         if lockspace != DIRECT:
             return hashlib.sha256(resource.encode("utf-8", "surrogateescape")).hexdigest(), None
         try:
@@ -103,6 +132,8 @@ class Lockspaces:
     def lease_path(self, lockspace: str, resource: str, rkey: str) -> str:
         if lockspace == DIRECT:
             return resource
+        if lockspace in self.named:
+            return str(self.named[lockspace] / resource)
         return str(self.indirect[lockspace] / rkey)
 
     def lock(

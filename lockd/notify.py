@@ -27,9 +27,12 @@ import systemd.daemon as sd_daemon
 
 log = logging.getLogger("lockd")
 
-# FileDescriptorName= of the two socket units
+# FileDescriptorName= of the socket units
 MAIN_SOCKET_NAME = "lockd"
 ADMIN_SOCKET_NAME = "lockd-admin"
+# FileDescriptorName= of lockd-virtlockd.socket (virtlockd's protocol, for libvirt)
+VIRTLOCKD_SOCKET_NAME = "lockd-virtlockd"
+SOCKET_NAMES = (MAIN_SOCKET_NAME, ADMIN_SOCKET_NAME, VIRTLOCKD_SOCKET_NAME)
 
 
 def under_systemd() -> bool:

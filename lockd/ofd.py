@@ -70,21 +70,26 @@ def _lockable(mode: int) -> bool:
     return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
 
+# InvalidResource's reason for an errno of open(2); a front end that must report the errno
+# itself (virtlockd's protocol carries it) maps the reason back
+OPEN_ERRORS = {
+    errno.ENOENT: "does not exist",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EISDIR: "is a directory",
+    errno.ELOOP: "too many symbolic links",
+    errno.ENAMETOOLONG: "path too long",
+    errno.EROFS: "read-only filesystem (an exclusive lease needs write access)",
+    errno.ENXIO: "no such device",
+}
+
+
 def _os_error(exc: OSError, resource: str) -> Exception:
     code = exc.errno
     if code in (errno.EMFILE, errno.ENFILE):
         return LimitExceeded("out of file descriptors", limit="open-files", value=0)
     if code in (errno.EACCES, errno.EPERM):
         return PermissionDenied(f"{resource}: permission denied", reason="open")
-    reason = {
-        errno.ENOENT: "does not exist",
-        errno.ENOTDIR: "a path component is not a directory",
-        errno.EISDIR: "is a directory",
-        errno.ELOOP: "too many symbolic links",
-        errno.ENAMETOOLONG: "path too long",
-        errno.EROFS: "read-only filesystem (an exclusive lease needs write access)",
-        errno.ENXIO: "no such device",
-    }.get(code or 0, os.strerror(code or errno.EIO))
+    reason = OPEN_ERRORS.get(code or 0, os.strerror(code or errno.EIO))
     return InvalidResource(f"{resource}: {reason}", resource=resource, reason=reason)
 
 

@@ -83,6 +83,7 @@ def _owner(row: dict[str, Any]) -> Owner:
         boot_id=row["boot_id"],
         fence=row["fence"],
         registered_at=row["registered_at"],
+        domain_id=row.get("domain_id"),
     )
 
 

@@ -30,6 +30,7 @@ import signal
 import time
 import uuid as uuidlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from lockd import failpoint, ofd, process
@@ -55,6 +56,7 @@ from lockd.journal import (
     insert_lease,
     lease_event,
     owner_event,
+    put_lockspace,
     put_owner,
     set_meta,
 )
@@ -211,8 +213,21 @@ class LockService:
         return found
 
     async def register(
-        self, pid: int, uuid: str | None, name: str | None, fence: str | None, peer: process.Peer
+        self,
+        pid: int,
+        uuid: str | None,
+        name: str | None,
+        fence: str | None,
+        peer: process.Peer,
+        domain_id: int | None = None,
     ) -> Owner:
+        """Register (or find again) the owner ``uuid`` for process ``pid``.
+
+        An owner whose process has exited but whose death is not processed yet (its pidfd's
+        readiness still queued) does not block a new process under the same uuid: the old
+        one's leases are released first, then the new one registers. That is a VM restarted
+        at once with the same uuid, which a VM manager does all the time.
+        ``domain_id``: the VM manager's own number for the owner (libvirt's domain id)."""
         if fence is not None and fence not in FENCE_POLICIES:
             raise InvalidParameter("fence must be kill, term or none", parameter="fence")
         start = process.start_time(pid)
@@ -241,6 +256,13 @@ class LockService:
             except ValueError:
                 raise InvalidParameter("uuid is not a UUID", parameter="uuid") from None
         existing = self.table.owners.get(uuid)
+        if (
+            existing is not None
+            and (existing.pid != pid or existing.start_time != start)
+            and not process.is_same_process(existing.pid, existing.start_time, existing.boot_id)
+        ):
+            await asyncio.shield(self.owner_gone(existing, "owner exited"))
+            return await self.register(pid, uuid, name, fence, peer, domain_id)
         if existing is not None:
             if existing.pid != pid or existing.start_time != start:
                 raise InvalidParameter(
@@ -250,13 +272,17 @@ class LockService:
             pending = self._registering.get(uuid)
             if pending is not None:  # its first registration is still being journaled
                 await asyncio.shield(pending)
-                return await self.register(pid, uuid, name, fence, peer)
-            changed = (name is not None and name != existing.name) or (
-                fence is not None and fence != existing.fence
+                return await self.register(pid, uuid, name, fence, peer, domain_id)
+            changed = (
+                (name is not None and name != existing.name)
+                or (fence is not None and fence != existing.fence)
+                or (domain_id is not None and domain_id != existing.domain_id)
             )
             if changed:  # re-registering may rename the owner or change its fence policy
                 existing.name = name if name is not None else existing.name
                 existing.fence = fence if fence is not None else existing.fence
+                if domain_id is not None:
+                    existing.domain_id = domain_id
                 await self.commit.submit(put_owner(existing.row()))
             return existing
         if by_pid is not None:
@@ -274,6 +300,7 @@ class LockService:
             boot_id=boot,
             fence=fence or self.config.default_fence,
             registered_at=time.time(),
+            domain_id=domain_id,
         )
         if not self.watch_owner(owner):
             raise NoSuchOwner(f"process {pid} exited while registering", owner=str(pid))
@@ -320,7 +347,15 @@ class LockService:
     def _owner_exited(self, owner: Owner) -> None:
         if owner.pidfd is not None:
             self.loop.remove_reader(owner.pidfd)
-        self.loop.create_task(self.owner_died(owner, "owner exited"))
+        self.owner_gone(owner, "owner exited")
+
+    def owner_gone(self, owner: Owner, reason: str) -> asyncio.Task[None]:
+        """Start releasing a dead owner's leases (once: a second call gets the same task)."""
+        if owner.dying is None:
+            if owner.pidfd is not None:
+                self.loop.remove_reader(owner.pidfd)
+            owner.dying = self.loop.create_task(self.owner_died(owner, reason))
+        return owner.dying
 
     async def owner_died(self, owner: Owner, reason: str) -> None:
         """Release every lease of a dead owner (commit first, then drop the kernel locks)."""
@@ -586,6 +621,44 @@ class LockService:
                 await self.release_lease(lease, "force-release", "released by an administrator")
                 out.append(released_wire(lease))
         return out
+
+    # -- queries and lockspaces -------------------------------------------------------------
+    def held_by(self, owner: Owner, lockspace: str | None, resource: str) -> Lease | None:
+        """The owner's lease on the resource (by file identity, or by the name it was taken
+        with if the file is gone), or None."""
+        ls = self.lockspaces.canonical(lockspace)
+        self.lockspaces.check(ls, resource)
+        return self._find(owner, ls, resource)[0]
+
+    def holders(self, lockspace: str | None, resource: str) -> list[Lease]:
+        """Every lease on the resource, whoever holds it."""
+        ls = self.lockspaces.canonical(lockspace)
+        self.lockspaces.check(ls, resource)
+        rkey = self.lockspaces.key(ls, resource)
+        if rkey is not None:
+            return self.table.holders(ls, rkey)
+        # the file is gone: match by the name the leases were taken with
+        return [x for x in self.table.leases() if x.lockspace == ls and x.resource == resource]
+
+    async def add_lockspace(self, name: str, directory: str) -> bool:
+        """Add a named lockspace (lease files named by the client, lockspace.py) at run time,
+        journaled so that it outlives a restart. False if it exists already. The directory
+        must exist (the caller makes it, with the errors its protocol wants)."""
+        if name in self.lockspaces.named:
+            return False
+        self.lockspaces.add_named(name, Path(directory))
+        try:
+            await self.commit.submit(put_lockspace(name, directory))
+        except JournalError:
+            self.lockspaces.remove_named(name)
+            raise
+        log.info(
+            "lockspace %s created (lease files in %s)",
+            name,
+            directory,
+            extra={"LOCKD_EVENT": "lockspace"},
+        )
+        return True
 
     # -- helpers --------------------------------------------------------------------------
     def _drop(self, lease: Lease) -> None:

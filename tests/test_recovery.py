@@ -204,7 +204,12 @@ def test_journal_of_schema_002_is_migrated_with_its_leases(
     daemon.stop()
     journal = daemon.state_dir / "journal.sqlite"
     db = sqlite3.connect(journal)
-    owner = db.execute("SELECT * FROM owners WHERE uuid = ?", (o,)).fetchone()
+    # the columns the owners table had in schema 002 (migration 004 added domain_id)
+    owner = db.execute(
+        "SELECT uuid, name, pid, start_time, boot_id, uid, fence, registered_at FROM owners"
+        " WHERE uuid = ?",
+        (o,),
+    ).fetchone()
     (boot,) = db.execute("SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
     db.close()
     for p in daemon.state_dir.glob("journal.sqlite*"):

@@ -1,0 +1,535 @@
+"""virtlockd's protocol on lockd's one lock service: the libvirt drop-in (DESIGN §10).
+
+Theory of operation: libvirtd's ``lockd`` lock driver talks to ``/run/libvirt/virtlockd-sock``.
+Each accepted connection is a :class:`VirtlockdConnection` (an :class:`asyncio.Protocol`,
+as the Varlink server's): bytes go through the sans-IO :mod:`lockd.virtlockd_rpc` decoder,
+and the connection's calls run one after another, each answered before the next starts.
+The procedures map onto :class:`~lockd.service.LockService`:
+
+- **REGISTER** binds the connection to an owner {uuid = the domain's uuid, name, domain id,
+  pid = the QEMU process}: ``register`` of the service, journaled like any owner. libvirtd
+  registers the QEMU pid from its own short connections too, so **leases belong to the
+  process, never to the connection**: a connection closing releases nothing, the owner's
+  death does (the service's pidfd, or recovery if lockd was down). A REGISTER repeated on a
+  connection rebinds it, as in virtlockd.
+- **RESTRICT** makes the connection unable to change anything (libvirtd restricts the one
+  QEMU inherits): every later call is refused.
+- **ACQUIRE_RESOURCE** / **RELEASE_RESOURCE** in lockspace ``""`` (direct: the name is the
+  disk path) or in a directory lockspace (the name is a lease file's name in it). SHARED is
+  ``F_RDLCK``; AUTOCREATE lets a missing lease file be created (0600), as virtlockd does.
+  A RELEASE of what the owner does not hold answers as virtlockd does ("is not locked" if
+  nobody holds it, "does not hold the resource lock" if others do), not with the service's
+  idempotent repeat: libvirtd's pause sends two RELEASEs and expects that answer.
+- **CREATE_LOCKSPACE** {path} and **NEW** add a directory lockspace (the service's *named*
+  kind, lockspace.py), named by its directory and journaled, because libvirtd sends it only
+  when libvirtd itself starts: after a restart of lockd, ACQUIREs in it must still work.
+- **CREATE_RESOURCE** / **DELETE_RESOURCE** touch or unlink a lease file in a directory
+  lockspace, refused while it is held, as virtlockd does.
+
+Errors carry virtlockd's codes, domains and texts (what ``virsh`` shows), in virtlockd's
+order of checks: flags, restricted, registered, lockspace, then the operation. Where lockd
+refuses what virtlockd allows, the reply is a libvirt error of the nearest code with lockd's
+reason (the README lists each difference and why).
+
+Decisions:
+- Peer credentials (``SO_PEERCRED``) as on the main socket: the socket is 0600 root, and a
+  non-root peer (if an administrator opens it) may register only its own processes and lock
+  only files it could open itself; creating lockspaces and lease files is root's only.
+- lockd never creates or deletes files in the direct lockspace (those are disk images):
+  CREATE_RESOURCE / DELETE_RESOURCE there are refused, and AUTOCREATE creates nothing there.
+- Limits and hostile peers as in server.py: frames are bounded (virtlockd_rpc.MAX_FRAME), a
+  framing error closes the connection (virtlockd does the same), a peer that sends faster
+  than it reads is paused, and a connection that closes mid-call does not cancel the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from lockd import ofd
+from lockd.config import Config
+from lockd.errors import (
+    InvalidParameter,
+    InvalidResource,
+    JournalError,
+    LeaseLost,
+    LimitExceeded,
+    LockdError,
+    NoSuchOwner,
+    PermissionDenied,
+    ProtocolError,
+    ResourceBusy,
+)
+from lockd.leases import Owner
+from lockd.lockspace import DIRECT, check_path
+from lockd.process import Peer
+from lockd.service import LockService
+from lockd.virtlockd_rpc import (
+    ACQUIRE_AUTOCREATE,
+    ACQUIRE_SHARED,
+    ERR_INTERNAL_ERROR,
+    ERR_INVALID_ARG,
+    ERR_OPERATION_DENIED,
+    ERR_OPERATION_FAILED,
+    ERR_OPERATION_INVALID,
+    ERR_OPERATION_UNSUPPORTED,
+    ERR_RESOURCE_BUSY,
+    ERR_SYSTEM_ERROR,
+    FROM_LOCKSPACE,
+    FROM_RPC,
+    Call,
+    CreateLockspaceArgs,
+    Decoder,
+    Dropped,
+    Event,
+    NewArgs,
+    Proc,
+    RegisterArgs,
+    Rejected,
+    ResourceArgs,
+    RestrictArgs,
+    RpcError,
+    encode_error,
+    encode_ok,
+)
+
+log = logging.getLogger("lockd")
+
+MAX_QUEUED_CALLS = 64
+# the errno behind each reason ofd gives for a failed open (virtlockd reports the errno)
+_ERRNO_OF_REASON = {reason: code for code, reason in ofd.OPEN_ERRORS.items()}
+_ERRNO_OF_REASON["a directory"] = errno.EISDIR
+# virtlockd's dispatch functions, named in its "unsupported flags" errors
+_FUNCTION = {proc: "virLockSpaceProtocolDispatch" + name for proc, name in (
+    (Proc.REGISTER, "Register"), (Proc.RESTRICT, "Restrict"), (Proc.NEW, "New"),
+    (Proc.CREATE_RESOURCE, "CreateResource"), (Proc.DELETE_RESOURCE, "DeleteResource"),
+    (Proc.ACQUIRE_RESOURCE, "AcquireResource"), (Proc.RELEASE_RESOURCE, "ReleaseResource"),
+)}  # fmt: skip
+
+
+class Refused(Exception):
+    """A call's error reply (an RpcError), raised from deep inside a procedure."""
+
+    def __init__(self, error: RpcError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _refuse(code: int, domain: int, detail: str, int1: int = -1) -> Refused:
+    return Refused(RpcError.of(code, domain, detail, int1))
+
+
+def _system_error(detail: str, code: int) -> Refused:
+    # virReportSystemError: "<detail>: <strerror>", the errno in int1
+    return _refuse(ERR_SYSTEM_ERROR, FROM_LOCKSPACE, f"{detail}: {os.strerror(code)}", code)
+
+
+def flags_error(proc: Proc, flags: int) -> RpcError:
+    """virCheckFlags' error: VIR_ERR_INVALID_ARG, naming the dispatch function."""
+    function = _FUNCTION[proc]
+    return RpcError(ERR_INVALID_ARG, FROM_RPC,
+                    f"unsupported flags (0x{flags:x}) in function {function}",
+                    str1=function, str2="flags", int1=0, int2=0)  # fmt: skip
+
+
+RESTRICTED = RpcError.of(
+    ERR_OPERATION_DENIED, FROM_RPC, "lock manager connection has been restricted"
+)
+NOT_REGISTERED = RpcError.of(
+    ERR_OPERATION_INVALID, FROM_RPC, "lock owner details have not been registered"
+)
+
+
+def busy(name: str) -> Refused:
+    return _refuse(ERR_RESOURCE_BUSY, FROM_LOCKSPACE, f"Lockspace resource '{name}' is locked")
+
+
+class VirtlockdConnection(asyncio.Protocol):
+    def __init__(self, server: VirtlockdServer) -> None:
+        self.server = server
+        self.service = server.service
+        self.decoder = Decoder()
+        self.queue: collections.deque[Event] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self.closed: asyncio.Future[None] = server.loop.create_future()
+        self.peer = Peer(-1, -1, frozenset())
+        self.owner: Owner | None = None
+        self.restricted = False
+        self._writable: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self.peer = Peer.of_socket(transport.get_extra_info("socket"))
+        if self.server.count_connections() > self.server.config.max_connections:
+            log.warning(
+                "refused virtlockd-protocol connection of pid %d uid %d: too many connections",
+                self.peer.pid,
+                self.peer.uid,
+                extra={"LOCKD_EVENT": "refused"},
+            )
+            self.transport.close()  # virtlockd stops accepting past max_clients
+
+    def data_received(self, data: bytes) -> None:
+        self._decode(data)
+        if self.worker is None and self.queue:
+            self.worker = self.server.loop.create_task(self._work())
+        self._flow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Nothing is released: leases belong to the owner process, not to this connection.
+        self.server.connections.discard(self)
+        self.queue.clear()
+        self._wake_writer()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self.server.loop.create_future()
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._wake_writer()
+        self._flow()
+
+    def _wake_writer(self) -> None:
+        fut, self._writable = self._writable, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    # -- flow -------------------------------------------------------------------------------
+    def _decode(self, data: bytes) -> None:
+        room = max(0, MAX_QUEUED_CALLS - len(self.queue))
+        try:
+            self.queue.extend(self.decoder.feed(data, limit=room))
+        except ProtocolError as exc:
+            # a bad length: nothing after it can be framed; virtlockd closes too
+            log.warning(
+                "virtlockd-protocol framing error from pid %d: %s",
+                self.peer.pid,
+                exc,
+                extra={"LOCKD_EVENT": "protocol-error"},
+            )
+            self.queue.clear()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _flow(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if (
+            self._writable is not None
+            or len(self.queue) >= MAX_QUEUED_CALLS
+            or self.decoder.pending > self.decoder.max_frame
+        ):
+            if t.is_reading():
+                t.pause_reading()
+        elif not t.is_reading():
+            t.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def _work(self) -> None:
+        try:
+            while not self.closed.done():
+                if not self.queue:
+                    if self.decoder.pending:
+                        self._decode(b"")
+                    if not self.queue:
+                        break
+                    await asyncio.sleep(0)
+                if self._writable is not None:
+                    await self._writable
+                    continue
+                event = self.queue.popleft()
+                if self.transport is not None and not self.transport.is_reading():
+                    self._flow()
+                await self._handle(event)
+        finally:
+            self.worker = None
+
+    async def _handle(self, event: Event) -> None:
+        if isinstance(event, Dropped):
+            return
+        if isinstance(event, Rejected):
+            self.send(encode_error(event.header, event.error))
+            return
+        try:
+            await self._dispatch(event)
+        except Refused as exc:
+            self.send(encode_error(event.header, exc.error))
+            return
+        except MemoryError:
+            os.abort()  # DESIGN §8: abort and let recovery bring the state back
+        except Exception:
+            log.exception("internal error in virtlockd procedure %s", event.proc.name)
+            self.send(
+                encode_error(
+                    event.header,
+                    RpcError.of(ERR_INTERNAL_ERROR, FROM_RPC, "lockd failed to handle the call"),
+                )
+            )
+            return
+        self.send(encode_ok(event.header))
+
+    # -- the procedures ------------------------------------------------------------------
+    async def _dispatch(self, call: Call) -> None:
+        args = call.args
+        proc = call.proc
+        if isinstance(args, CreateLockspaceArgs):  # no flags, no owner needed
+            if self.restricted:
+                raise Refused(RESTRICTED)
+            await self._create_lockspace(args.path, exists_ok=True)
+            return
+        assert isinstance(args, RegisterArgs | RestrictArgs | NewArgs | ResourceArgs)
+        allowed = (ACQUIRE_SHARED | ACQUIRE_AUTOCREATE) if proc == Proc.ACQUIRE_RESOURCE else 0
+        if args.flags & ~allowed:
+            raise Refused(flags_error(proc, args.flags))
+        if self.restricted:
+            raise Refused(RESTRICTED)
+        if isinstance(args, RegisterArgs):
+            await self._register(args)
+            return
+        owner = self.owner
+        if owner is None:
+            raise Refused(NOT_REGISTERED)
+        if isinstance(args, RestrictArgs):
+            self.restricted = True
+        elif isinstance(args, NewArgs):
+            if args.path == "":
+                raise _refuse(
+                    ERR_OPERATION_INVALID, FROM_RPC, "the default lockspace already exists"
+                )
+            await self._create_lockspace(args.path, exists_ok=False)
+        elif proc == Proc.ACQUIRE_RESOURCE:
+            await self._acquire(owner, args)
+        elif proc == Proc.RELEASE_RESOURCE:
+            await self._release(owner, args)
+        else:
+            self._touch_or_delete(proc, args)
+
+    async def _register(self, args: RegisterArgs) -> None:
+        if args.id == 0:  # libvirt's lockd driver never sends 0: virtlockd refuses it
+            raise Refused(NOT_REGISTERED)
+        uuid = args.owner_uuid
+        try:
+            self.owner = await self.service.register(
+                args.pid, uuid, args.name, None, self.peer, domain_id=args.id
+            )
+        except NoSuchOwner:
+            raise _refuse(
+                ERR_OPERATION_INVALID,
+                FROM_RPC,
+                f"lock owner process {args.pid} does not exist",
+            ) from None
+        except InvalidParameter as exc:  # the uuid or the pid is another owner's
+            raise _refuse(ERR_OPERATION_INVALID, FROM_RPC, str(exc)) from None
+        except PermissionDenied as exc:
+            raise _refuse(ERR_OPERATION_DENIED, FROM_RPC, str(exc)) from None
+        except LockdError as exc:
+            raise _translate(exc, args.name) from None
+
+    def _lockspace(self, path: str) -> str:
+        """lockd's lockspace for virtlockd's lockspace path."""
+        if path == "":
+            return DIRECT
+        if path not in self.service.lockspaces.named:
+            raise _refuse(ERR_INTERNAL_ERROR, FROM_RPC, f"Lockspace for path {path} does not exist")
+        return path
+
+    async def _create_lockspace(self, path: str, exists_ok: bool) -> None:
+        if path in self.service.lockspaces.named:
+            if exists_ok:
+                return
+            raise _refuse(ERR_INTERNAL_ERROR, FROM_RPC, f"Lockspace for path {path} already exists")
+        if not self.peer.root:
+            raise _refuse(ERR_OPERATION_DENIED, FROM_RPC, "only root may create lockspaces")
+        try:
+            check_path(path)
+        except InvalidResource as exc:
+            raise _refuse(ERR_INVALID_ARG, FROM_LOCKSPACE, f"lockspace {exc}") from None
+        # virLockSpaceNew: an existing directory is used, a missing one made 0700
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            raise _refuse(
+                ERR_INTERNAL_ERROR,
+                FROM_LOCKSPACE,
+                f"Lockspace location {path} exists, but is not a directory",
+            ) from None
+        except OSError as exc:
+            raise _system_error(
+                f"Unable to create lockspace {path}", exc.errno or errno.EIO
+            ) from None
+        if not os.path.isdir(path):
+            raise _refuse(
+                ERR_INTERNAL_ERROR,
+                FROM_LOCKSPACE,
+                f"Lockspace location {path} exists, but is not a directory",
+            )
+        try:
+            await self.service.add_lockspace(path, path)
+        except LockdError as exc:
+            raise _translate(exc, path) from None
+
+    def _lease_file(self, ls: str, name: str) -> str:
+        try:
+            self.service.lockspaces.check(ls, name)
+        except InvalidResource as exc:
+            raise _refuse(ERR_INVALID_ARG, FROM_LOCKSPACE, str(exc)) from None
+        return self.service.lockspaces.lease_path(ls, name, name)
+
+    async def _acquire(self, owner: Owner, args: ResourceArgs) -> None:
+        ls = self._lockspace(args.path)
+        shared = bool(args.flags & ACQUIRE_SHARED)
+        autocreate = bool(args.flags & ACQUIRE_AUTOCREATE)
+        try:
+            held = self.service.held_by(owner, ls, args.name)
+        except InvalidResource as exc:
+            raise _translate(exc, args.name) from None
+        if held is not None:
+            # virtlockd: a second shared acquire by anyone joins; anything else is busy,
+            # the same owner included
+            if shared and held.mode == "shared":
+                return
+            raise busy(args.name)
+        if ls != DIRECT and not autocreate:
+            path = self._lease_file(ls, args.name)
+            try:
+                os.stat(path)
+            except OSError as exc:
+                raise _system_error(
+                    f"Unable to open resource {path}", exc.errno or errno.EIO
+                ) from None
+        mode = "shared" if shared else "exclusive"
+        try:
+            await self.service.acquire(owner, ls, args.name, mode, None, self.peer)
+        except LockdError as exc:
+            raise _translate(exc, args.name, autocreate and ls != DIRECT) from None
+
+    async def _release(self, owner: Owner, args: ResourceArgs) -> None:
+        ls = self._lockspace(args.path)
+        try:
+            held = self.service.held_by(owner, ls, args.name)
+            if held is None:
+                if self.service.holders(ls, args.name):
+                    raise _refuse(
+                        ERR_INTERNAL_ERROR,
+                        FROM_LOCKSPACE,
+                        f"owner {owner.pid} does not hold the resource lock",
+                    )
+                raise _refuse(
+                    ERR_RESOURCE_BUSY,
+                    FROM_LOCKSPACE,
+                    f"Lockspace resource '{args.name}' is not locked",
+                )
+            await self.service.release(owner, ls, args.name)
+        except LockdError as exc:
+            raise _translate(exc, args.name) from None
+
+    def _touch_or_delete(self, proc: Proc, args: ResourceArgs) -> None:
+        ls = self._lockspace(args.path)
+        if ls == DIRECT:
+            raise _refuse(
+                ERR_OPERATION_UNSUPPORTED,
+                FROM_LOCKSPACE,
+                "lockd creates and deletes no files in the direct lockspace (disk images)",
+            )
+        if not self.peer.root:
+            raise _refuse(
+                ERR_OPERATION_DENIED, FROM_RPC, "only root may create or delete lease files"
+            )
+        path = self._lease_file(ls, args.name)
+        if self.service.holders(ls, args.name):
+            raise busy(args.name)
+        if proc == Proc.CREATE_RESOURCE:
+            try:  # virFileTouch(path, 0600)
+                os.close(
+                    os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                )
+            except OSError as exc:
+                raise _system_error(
+                    f"Failed to create file '{path}'", exc.errno or errno.EIO
+                ) from None
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _system_error(
+                f"Unable to delete lockspace resource {path}", exc.errno or errno.EIO
+            ) from None
+
+
+def _translate(exc: LockdError, name: str, create: bool = False) -> Refused:
+    """The virtlockd-protocol error for an error of the lock service."""
+    if isinstance(exc, ResourceBusy):
+        return busy(name)
+    if isinstance(exc, LeaseLost):
+        return _refuse(
+            ERR_RESOURCE_BUSY,
+            FROM_LOCKSPACE,
+            f"Lockspace resource '{name}' was lost while lockd was down",
+        )
+    if isinstance(exc, InvalidResource):
+        code = _ERRNO_OF_REASON.get(str(exc.parameters.get("reason", "")))
+        if code is not None:
+            what = "open/create" if create else "open"
+            return _system_error(f"Unable to {what} resource {name}", code)
+        return _refuse(ERR_INVALID_ARG, FROM_LOCKSPACE, str(exc))
+    if isinstance(exc, PermissionDenied):
+        if exc.parameters.get("reason") == "open":
+            return _system_error(f"Unable to open resource {name}", errno.EACCES)
+        return _refuse(ERR_OPERATION_DENIED, FROM_RPC, str(exc))
+    if isinstance(exc, NoSuchOwner):
+        return Refused(NOT_REGISTERED)  # the owner died meanwhile: it is registered no more
+    if isinstance(exc, LimitExceeded):
+        return _refuse(ERR_OPERATION_FAILED, FROM_LOCKSPACE, str(exc))
+    if isinstance(exc, JournalError):
+        return _refuse(ERR_INTERNAL_ERROR, FROM_LOCKSPACE, str(exc))
+    return _refuse(ERR_INTERNAL_ERROR, FROM_LOCKSPACE, str(exc))
+
+
+class VirtlockdServer:
+    """The listener of virtlockd's protocol; its connections share the daemon's limits."""
+
+    def __init__(
+        self, config: Config, service: LockService, count_others: Callable[[], int]
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.loop = service.loop
+        self.connections: set[VirtlockdConnection] = set()
+        self._count_others = count_others
+        self.servers: list[asyncio.AbstractServer] = []
+
+    def count_connections(self) -> int:
+        return len(self.connections) + self._count_others()
+
+    async def start(self, sock: socket.socket) -> None:
+        srv = await self.loop.create_unix_server(
+            functools.partial(VirtlockdConnection, self), sock=sock, backlog=1024
+        )
+        self.servers.append(srv)
+
+    async def close(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
