@@ -59,6 +59,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,20 +124,47 @@ def unavailable() -> str | None:
     return None
 
 
-def domain_xml(name: str, uuid: str, disk: str | os.PathLike[str], share_rw: bool = True) -> str:
-    """A tiny TCG domain on one raw disk (alias ``ua-disk0``), ``share-rw=on`` by default."""
-    override = ""
-    if share_rw:
+@dataclass(frozen=True)
+class DomainSpec:
+    """A domain to define: its uuid, its disks (file names in the image directory, vda first)
+    and whether they are ``<shareable/>`` (SHARED leases)."""
+
+    uuid: str
+    disks: tuple[str, ...]
+    shareable: bool = False
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    uuid: str
+    disks: tuple[Path, ...]
+
+    @property
+    def disk(self) -> Path:
+        return self.disks[0]
+
+
+def domain_xml(name: str, uuid: str, disks: Sequence[Path], shareable: bool = False) -> str:
+    """A tiny TCG domain on raw disks (aliases ``ua-disk0``...), each with ``share-rw=on``."""
+    devices = []
+    overrides = []
+    for i, disk in enumerate(disks):
+        devices.append(f"""
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='{disk}'/>
+      <target dev='vd{"abcdefgh"[i]}' bus='virtio'/>{"<shareable/>" if shareable else ""}
+      <alias name='ua-disk{i}'/>
+    </disk>""")
         # QEMU's image locks would refuse a second writer on one host before libvirt asks the
-        # lock daemon (pitfall 6): share-rw=on leaves the decision to the lock daemon alone.
-        override = """
-  <qemu:override>
-    <qemu:device alias='ua-disk0'>
+        # lock daemon (pitfall 6): share-rw=on leaves the decision to the lock daemon alone
+        overrides.append(f"""
+    <qemu:device alias='ua-disk{i}'>
       <qemu:frontend>
         <qemu:property name='share-rw' type='bool' value='true'/>
       </qemu:frontend>
-    </qemu:device>
-  </qemu:override>"""
+    </qemu:device>""")
     return f"""\
 <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
@@ -149,26 +177,15 @@ def domain_xml(name: str, uuid: str, disk: str | os.PathLike[str], share_rw: boo
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source file='{os.fspath(disk)}'/>
-      <target dev='vda' bus='virtio'/>
-      <alias name='ua-disk0'/>
-    </disk>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>{"".join(devices)}
     <controller type='usb' model='none'/>
     <serial type='null'><target port='0'/></serial>
     <memballoon model='none'/>
-  </devices>{override}
+  </devices>
+  <qemu:override>{"".join(overrides)}
+  </qemu:override>
 </domain>
 """
-
-
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    uuid: str
-    disk: Path
 
 
 class Container(sd.SystemManager):
@@ -185,8 +202,8 @@ class Container(sd.SystemManager):
 class LibvirtHost:
     """The container, libvirtd in it, and the test's domains (see the module docstring)."""
 
-    def __init__(self, domains: dict[str, tuple[str, str]]) -> None:
-        """``domains``: name -> (uuid, disk file name); disks are made in the shared dir."""
+    def __init__(self, domains: dict[str, DomainSpec]) -> None:
+        """``domains``: name -> spec; the disks are made in the shared directory."""
         self.wanted = domains
         self.sm = Container()
         self.img = self.sm.shared / "img"
@@ -281,15 +298,20 @@ class LibvirtHost:
                    "libvirtd to stop")  # fmt: skip
 
     def _define(self) -> None:
-        for name, (uuid, disk_name) in self.wanted.items():
-            disk = self.img / disk_name
-            if not disk.exists():
-                subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk),
-                                f"{DISK_MIB}M"], check=True, timeout=60)  # fmt: skip
+        for name, spec in self.wanted.items():
+            disks = tuple(self.img / f for f in spec.disks)
+            for disk in disks:
+                if not disk.exists():
+                    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk),
+                                    f"{DISK_MIB}M"], check=True, timeout=60)  # fmt: skip
             xml = self.sm.shared / f"{name}.xml"
-            xml.write_text(domain_xml(name, uuid, disk))
+            xml.write_text(domain_xml(name, spec.uuid, disks, spec.shareable))
             self.virsh("define", str(xml), check=True)
-            self.domains[name] = Domain(name, uuid, disk)
+            self.domains[name] = Domain(name, spec.uuid, disks)
+
+    def disks(self) -> set[Path]:
+        """Every disk of every domain."""
+        return {disk for dom in self.domains.values() for disk in dom.disks}
 
     # -- inside the container ------------------------------------------------------------------
 
@@ -515,8 +537,9 @@ class SystemdLockd(LockDaemon):
 
     def start(self) -> float:
         t0 = time.monotonic()
+        # (no test connection: the first one starts lockd.service, which is libvirt's job)
         self.host.sm.systemctl("start", VIRTLOCKD_UNIT)
-        wait_until(lambda: self.host.can_connect(VIRTLOCKD_SOCK), 30, 0.01, "the socket unit")
+        assert self.host.sm.prop(VIRTLOCKD_UNIT, "SubState") == "listening"
         return time.monotonic() - t0
 
     def stop(self) -> None:

@@ -28,9 +28,15 @@ import sd_harness as sd
 from e2e import probe, probe_setlk_elsewhere, wait_until
 
 DOMAINS = {
-    "vl-a": ("00000000-e2e0-4000-8000-00000000000a", "shared.img"),
-    "vl-b": ("00000000-e2e0-4000-8000-00000000000b", "shared.img"),
-    "vl-life": ("00000000-e2e0-4000-8000-000000000010", "life.img"),
+    # two domains on one disk, and one on a disk of its own
+    "vl-a": lh.DomainSpec("00000000-e2e0-4000-8000-00000000000a", ("shared.img",)),
+    "vl-b": lh.DomainSpec("00000000-e2e0-4000-8000-00000000000b", ("shared.img",)),
+    "vl-life": lh.DomainSpec("00000000-e2e0-4000-8000-000000000010", ("life.img",)),
+    # two disks, the second one vl-a's
+    "vl-two": lh.DomainSpec("00000000-e2e0-4000-8000-000000000020", ("two.img", "shared.img")),
+    # <shareable/>: SHARED leases
+    "vl-s1": lh.DomainSpec("00000000-e2e0-4000-8000-000000000031", ("pool.img",), True),
+    "vl-s2": lh.DomainSpec("00000000-e2e0-4000-8000-000000000032", ("pool.img",), True),
 }
 
 
@@ -96,7 +102,7 @@ def _finish(host: lh.LibvirtHost, daemon: lh.LockDaemon, request: pytest.Fixture
         host.destroy_all()
     finally:
         daemon.stop()
-    for d in {dom.disk for dom in host.domains.values()}:
+    for d in host.disks():
         wait_until(lambda d=d: probe_setlk_elsewhere(d) == "free", 30, 0.05, f"{d} free")
 
 
@@ -180,7 +186,7 @@ def assert_no_orphan(host: lh.LibvirtHost, d: lh.DirectLockd | lh.SystemdLockd) 
     """Every domain off, lockd lists no lease, and every disk is free for anyone."""
     host.destroy_all()
     wait_until(lambda: leases(d) == [], 30, 0.05, "no lease left")
-    for disk in {dom.disk for dom in host.domains.values()}:
+    for disk in host.disks():
         assert probe(disk) == "free" and probe_setlk_elsewhere(disk) == "free", disk
 
 
@@ -324,6 +330,40 @@ def test_lockd_domain_resumed_after_a_restart_leaves_no_orphan(
     assert_no_orphan(host, d)
 
 
+def test_lockd_shareable_disks_two_disks_and_a_crashed_qemu(
+    host: lh.LibvirtHost, lockd_direct: lh.DirectLockd
+) -> None:
+    """``<shareable/>`` disks get SHARED leases (two domains on one disk); a domain whose
+    second disk is busy is refused and keeps no lease on its first; a QEMU killed by a signal
+    (libvirt sends nothing) loses its lease."""
+    d = lockd_direct
+    pool = host.domains["vl-s1"].disk
+    two, shared = host.domains["vl-two"].disks
+    d.start()
+    started(host, "vl-s1")
+    started(host, "vl-s2")
+    on_pool = [x for x in leases(d) if x["resource"] == str(pool)]
+    assert sorted(x["owner"]["name"] for x in on_pool) == ["vl-s1", "vl-s2"], on_pool
+    assert {x["mode"] for x in on_pool} == {"shared"}
+    assert probe(pool) == "shared" and probe_setlk_elsewhere(pool) == "held"
+    started(host, "vl-a")
+    # vl-two: ACQUIRE two.img succeeds, ACQUIRE shared.img is refused, libvirt kills its QEMU
+    out, _ = host.start("vl-two")
+    assert out.returncode != 0 and busy(shared) in out.stderr, out.stderr
+    assert host.state("vl-two") == "shut off"
+    wait_until(lambda: probe(two) == "free", 30, 0.02, "vl-two's first disk free")
+    assert not [x for x in leases(d) if x["owner"]["name"] == "vl-two"], leases(d)
+    # vl-a's QEMU dies of SIGKILL: libvirt calls nothing, lockd sees the process go
+    host.run_inside("kill", "-KILL", str(host.qemu_pid("vl-a")))
+    wait_until(lambda: probe(shared) == "free", 30, 0.02, "vl-a's disk free after its QEMU died")
+    wait_until(lambda: host.state("vl-a") == "shut off", 30, 0.05, "libvirt to see vl-a crashed")
+    started(host, "vl-two")
+    mine = {x["resource"] for x in leases(d) if x["owner"]["name"] == "vl-two"}
+    assert mine == {str(two), str(shared)}, leases(d)
+    assert held_by_lockd(two) and held_by_lockd(shared)
+    assert_no_orphan(host, d)
+
+
 def test_lockd_down_while_its_domain_is_destroyed(
     host: lh.LibvirtHost, lockd_direct: lh.DirectLockd
 ) -> None:
@@ -452,6 +492,9 @@ def test_lockd_reexec_while_domains_run(
     figures.ms("lockd under systemd: lockctl reexec to the new image answering", took)
     figures.add(f"lockd under systemd: observer during the re-exec: {seen.summary()}")
     assert seen.free == 0, seen.free_examples
+    n, longest = seen.during(t0, t0 + took)
+    figures.add(f"  {n} sweeps during the re-exec, at most {longest * 1000:.1f} ms apart")
+    assert n > 0
     assert new["pid"] == status["pid"] == d.pid()
     assert {x["resource"]: x["token"] for x in leases(d)} == before
     # later operations: suspend/resume, a refusal, destroy, a new start
