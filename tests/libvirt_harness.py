@@ -551,9 +551,5 @@ class SystemdLockd(LockDaemon):
     def pid(self) -> int:
         return self.host.sm.main_pid()
 
-    def kill_and_restart(self, sig: int = signal.SIGABRT) -> Restart:
-        r = self.host.sm.kill_and_wait(sig)
-        return Restart(r.old_pid, r.new_pid, r.killed_at, r.ready_at)
-
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.host.sm.socket, self.host.sm.admin_socket, *args)

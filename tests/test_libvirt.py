@@ -431,30 +431,40 @@ def test_lockd_aborted_under_systemd_never_frees_the_disk(
 ) -> None:
     """lockd under the project's units (lockd-virtlockd.socket, the fd store), aborted while a
     domain runs: an observer polling the disk never sees it free, the lease is adopted (kept,
-    not re-taken), and the second domain is still refused."""
+    not re-taken), and a second domain started right after the abort -- its calls wait in the
+    socket's queue until systemd has lockd back -- is refused."""
     d = lockd_systemd
+    m = host.sm
     disk = host.domains["vl-a"].disk
     d.start()
-    assert host.sm.prop(lh.sd.SERVICE, "ActiveState") == "inactive"
+    assert m.prop(sd.SERVICE, "ActiveState") == "inactive"
     started(host, "vl-a", figures, "lockd under systemd: virsh start vl-a (socket-activates lockd)")
     before = lease_of(host, d, "vl-a")
     assert held_by_lockd(disk)
-    assert int(host.sm.prop(lh.sd.SERVICE, "NFileDescriptorStore")) == 1
+    assert int(m.prop(sd.SERVICE, "NFileDescriptorStore")) == 1
     with sd.Observer([disk]) as obs:
         time.sleep(0.05)
-        r = d.kill_and_restart(signal.SIGABRT)
+        old = m.main_pid()
+        killed_at = time.monotonic()
+        m.signal_main(signal.SIGABRT)
+        out, took = host.start("vl-b")
+        props = m.wait_running(not_pid=old)
+        ready_at = int(props["ActiveEnterTimestampMonotonic"]) / 1e6
         time.sleep(0.05)
         seen = obs.stop()
-    figures.ms("lockd under systemd: SIGABRT to the new instance's READY=1", r.kill_to_ready)
+    assert out.returncode != 0 and busy(disk) in out.stderr, out.stderr
+    assert host.state("vl-b") == "shut off"
+    figures.ms("lockd under systemd: SIGABRT to the new instance's READY=1", ready_at - killed_at)
+    figures.ms("lockd under systemd: virsh start vl-b issued right after the abort, refused", took)
     figures.add(f"lockd under systemd: observer during the abort: {seen.summary()}")
     assert seen.free == 0, seen.free_examples
-    n, longest = seen.during(r.killed_at, r.ready_at)
+    n, longest = seen.during(killed_at, ready_at)
     figures.add(
         f"  {n} sweeps between the abort and READY=1, at most {longest * 1000:.1f} ms apart"
     )
     assert n > 0
     after = lease_of(host, d, "vl-a")
-    assert after["token"] == before["token"]
+    assert after["token"] == before["token"] and after["continuity"] == "kept", after
     assert d.lockctl("status")["status"]["recovery"]["adopted"] == 1
     refused(host, "vl-b")
     assert host.state("vl-a") == "running"
