@@ -40,10 +40,13 @@ clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
 
 # Install for real: console scripts on PATH, units in /etc/systemd/system, sockets enabled.
+# lockd-virtlockd.socket is installed but not enabled: replacing virtlockd is the admin's
+# decision (README, "Replacing virtlockd on a libvirt host").
 install: setup
 	ln -sf $(CURDIR)/.venv/bin/lockd /usr/local/bin/lockd
 	ln -sf $(CURDIR)/.venv/bin/lockctl /usr/local/bin/lockctl
-	install -m 0644 systemd/lockd.service systemd/lockd.socket systemd/lockd-admin.socket /etc/systemd/system/
+	install -m 0644 systemd/lockd.service systemd/lockd.socket systemd/lockd-admin.socket \
+		systemd/lockd-virtlockd.socket /etc/systemd/system/
 	if [ "$$(systemctl --version | awk 'NR==1{print $$2}')" -ge 254 ]; then \
 		install -d /etc/systemd/system/lockd.service.d && \
 		install -m 0644 systemd/lockd.service.d/50-fdstore-preserve.conf /etc/systemd/system/lockd.service.d/; fi
