@@ -343,9 +343,8 @@ class LibvirtHost:
 
     def destroy_all(self) -> None:
         """Every domain shut off (waits for each QEMU to be gone)."""
-        for dom in self.domains:
-            if self.state(dom) != "shut off":
-                self.virsh("destroy", dom, check=True)
+        for dom in self.virsh("list", "--name", check=True).stdout.split():  # active ones
+            self.virsh("destroy", dom, check=True)
         pidfiles = [self.root / f"run/libvirt/qemu/{d}.pid" for d in self.domains]
         wait_until(lambda: not any(p.exists() for p in pidfiles), 30, 0.05, "every QEMU gone")
 

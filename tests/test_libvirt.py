@@ -25,7 +25,7 @@ from typing import Any
 import libvirt_harness as lh
 import pytest
 import sd_harness as sd
-from e2e import probe, probe_setlk_elsewhere, wait_until
+from e2e import is_free, probe, probe_setlk_elsewhere, wait_until
 
 DOMAINS = {
     # two domains on one disk, and one on a disk of its own
@@ -102,8 +102,8 @@ def _finish(host: lh.LibvirtHost, daemon: lh.LockDaemon, request: pytest.Fixture
         host.destroy_all()
     finally:
         daemon.stop()
-    for d in host.disks():
-        wait_until(lambda d=d: probe_setlk_elsewhere(d) == "free", 30, 0.05, f"{d} free")
+    for d in host.disks():  # F_OFD_GETLK sees virtlockd's POSIX locks too
+        wait_until(lambda d=d: is_free(d), 30, 0.05, f"{d} free")
 
 
 @pytest.fixture
