@@ -228,7 +228,8 @@ def test_lockd_start_busy_destroy(
     host: lh.LibvirtHost, lockd_direct: lh.DirectLockd, figures: Figures
 ) -> None:
     """virsh start -> the lease, with the domain's name and uuid; a second domain on the disk
-    is refused with libvirt's "resource busy"; virsh destroy -> the lease is gone."""
+    is refused with libvirt's "resource busy"; a restart of libvirtd changes nothing; virsh
+    destroy -> the lease is gone."""
     d = lockd_direct
     disk = host.domains["vl-a"].disk
     figures.ms("lockd on its own: start to READY=1", d.start())
@@ -240,6 +241,11 @@ def test_lockd_start_busy_destroy(
     assert out.returncode != 0 and busy(disk) in out.stderr, out.stderr
     assert host.state("vl-b") == "shut off"
     assert host.state("vl-a") == "running" and len(leases(d)) == 1
+    # libvirtd restarted (an upgrade) while vl-a runs: the lease stays, destroy still frees it
+    host.stop_libvirtd()
+    host.start_libvirtd()
+    assert host.state("vl-a") == "running"
+    lease_of(host, d, "vl-a")
     t0 = time.monotonic()
     host.virsh("destroy", "vl-a", check=True)
     wait_until(lambda: probe(disk) == "free", 30, 0.01, "vl-a's disk free after destroy")
