@@ -12,7 +12,7 @@ test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The libvirt end-to-end tests alone (also part of `make test`): a real libvirtd runs TCG QEMU
-# domains with lockd as its lock daemon, in a private container (~30 s); step timings at the end.
+# domains with lockd as its lock daemon, in a private container (~40 s); step timings at the end.
 e2e-libvirt: setup
 	.venv/bin/python -m pytest -q -rs tests/test_libvirt.py $(PYTEST_ARGS)
 
