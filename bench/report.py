@@ -90,6 +90,24 @@ class Table:
         )
 
 
+def _virtlockd_protocol_rows(t: Table, n: int) -> None:
+    """lockd's virtlockd front end and virtlockd, driven by the same (virtlockd's) client: the
+    lockd column is the front end, the virtlockd column the same workload against virtlockd;
+    the floor is the Varlink one (another wire, the same Python client and server costs)."""
+    lv = ("lockd_vl",)
+    t.section = "virtlockd's protocol, the same client for both (lockd's front end vs virtlockd)"
+    t.row("1 connection: pair, p50", "µs", lv + ("seq", "p50_us"),
+          (f"{RTT}, p50", F + ("seq", "p50_us")), V + ("seq", "p50_us"))  # fmt: skip
+    t.row("1 connection: pair, p99", "µs", lv + ("seq", "p99_us"), vl=V + ("seq", "p99_us"))
+    t.row("1 connection: pairs/s", "pairs/s", lv + ("seq", "per_s"), vl=V + ("seq", "per_s"))
+    c = f"conc{n}"
+    t.row(f"{n} clients: pairs/s", "pairs/s", lv + (c, "per_s"),
+          (f"{RTT}, {n} clients", F + (c, "per_s")), V + (c, "per_s"))  # fmt: skip
+    t.row(f"{n} clients: pair, p50", "µs", lv + (c, "p50_us"), vl=V + (c, "p50_us"))
+    t.row(f"{n} clients: server CPU per pair", "µs", lv + (c, "server_cpu_us_per_pair"),
+          vl=V + (c, "server_cpu_us_per_pair"))  # fmt: skip
+
+
 def rows(reps: list[Rep], once: dict[str, Any], steps: list[int], clients: list[int]) -> list[Rep]:
     t = Table(reps)
 
@@ -168,6 +186,8 @@ def rows(reps: list[Rep], once: dict[str, Any], steps: list[int], clients: list[
             ("do-nothing server", F + (c, "server_cpu_us_per_pair")),
             V + (c, "server_cpu_us_per_pair"),
         )
+
+    _virtlockd_protocol_rows(t, min(clients))
 
     t.section = "memory"
     rss_floor = ("do-nothing server", F + ("rss_kb",))
@@ -328,7 +348,7 @@ def fmt_ratio(r: float | None) -> str:
 
 def one_line(rep: Rep) -> str:
     parts = []
-    for who in ("floor", "lockd", "virtlockd"):
+    for who in ("floor", "lockd", "virtlockd", "lockd_vl"):
         p50 = get(rep, (who, "seq", "p50_us"))
         c16 = get(rep, (who, "conc16", "per_s"))
         if p50 is not None:

@@ -13,6 +13,7 @@ lockd     a fresh daemon: 1 connection doing acquire+release pairs with the raw 
           reported by the daemon, leases re-taken
 virtlockd the same workloads against a private virtlockd (when installed), no recovery: it
           keeps no state across a crash
+lockd-vl  lockd's virtlockd front end driven by virtlockd's client: 1 connection, 16 clients
 
 Once per run: the journal after a million operations (acquire or release, each journaled)
 through the daemon by 16 clients, its size on disk at 10% and at 100%, then a restart
@@ -314,6 +315,34 @@ def run_virtlockd(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def run_lockd_vl(ctx: Ctx) -> dict[str, Any]:
+    """lockd's virtlockd-protocol front end driven by the same client as virtlockd (the
+    anchor's), so lockd ÷ virtlockd compares one protocol with itself: 1 connection, and the
+    concurrent run with the smallest ``--clients`` (16 by default)."""
+    a = ctx.args
+    base = ctx.base("lockdvl")
+    sock = base / "vl.sock"
+    config = (a.lockd_config or "") + f'\nvirtlockd_socket = "{sock}"\n'
+    d = Lockd(base, a.lockd_src, a.lockd_python, config)
+    out: dict[str, Any] = {}
+    try:
+        d.start()
+        drv = vl.VLDriver(str(sock), ctx.owners.spawn(1)[0], str(ctx.files[0]))
+        out["seq"] = sequential(drv, a.seq_n, d.pid, a.warm)
+        drv.close()
+        n = min(a.clients)
+        pids = ctx.owners.spawn(n)
+        files = ctx.files[1 : 1 + n]
+
+        def make(i: int) -> Driver:
+            return vl.VLDriver(str(sock), pids[i], str(files[i]))
+
+        out[f"conc{n}"] = concurrent(make, n, dur=a.dur, server_pid=d.pid)
+    finally:
+        d.close()
+    return out
+
+
 # -- once per run ---------------------------------------------------------------------------
 
 
@@ -434,7 +463,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip",
         nargs="+",
         default=[],
-        choices=["floors", "lockd", "virtlockd", "journal", "fdstore"],
+        choices=["floors", "lockd", "virtlockd", "lockd-vl", "journal", "fdstore"],
         help="parts to leave out",
     )
     p.add_argument("--profile", action="store_true", help="also record py-spy profiles")
@@ -521,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
             if why_not_vl is None:
                 log(f"rep {r + 1}/{a.reps}: virtlockd")
                 rep["virtlockd"] = run_virtlockd(ctx)
+                if "lockd-vl" not in a.skip:
+                    log(f"rep {r + 1}/{a.reps}: lockd on virtlockd's protocol")
+                    rep["lockd_vl"] = run_lockd_vl(ctx)
             ctx.owners.close()
             reps.append(rep)
             log(f"rep {r + 1}/{a.reps}: {report.one_line(rep)}")

@@ -16,8 +16,8 @@ Theory of operation (libvirt's ``src/rpc/virnetprotocol.x`` and
 - Bounds: a frame shorter than a header, or longer than :data:`MAX_FRAME` (the largest call
   the program can carry: two strings of ``VIR_LOCK_SPACE_PROTOCOL_STRING_MAX`` = 65,536
   bytes), is a :class:`FrameError` at once, before its body is buffered: a peer cannot grow
-  our memory past one frame. virtlockd closes the connection on a bad length too (it buffers
-  up to 32 MiB first); the caller closes it on a FrameError.
+  our memory past one frame. virtlockd closes the connection on a bad length too (after
+  accepting lengths up to 33,554,436 bytes, measured); the caller closes it on a FrameError.
 - Bodies are decoded as libvirt's XDR filters do: a string longer than its bound or a body
   shorter than its arguments is "Unable to decode message payload" (an RPC error reply; the
   connection stays usable), and bytes after the arguments are ignored (as xdrmem does).

@@ -68,7 +68,7 @@ from lockd.errors import (
     ProtocolError,
     ResourceBusy,
 )
-from lockd.leases import Owner
+from lockd.leases import Lease, Owner
 from lockd.lockspace import DIRECT, check_path
 from lockd.process import Peer
 from lockd.service import LockService
@@ -397,16 +397,6 @@ class VirtlockdConnection(asyncio.Protocol):
         ls = self._lockspace(args.path)
         shared = bool(args.flags & ACQUIRE_SHARED)
         autocreate = bool(args.flags & ACQUIRE_AUTOCREATE)
-        try:
-            held = self.service.held_by(owner, ls, args.name)
-        except InvalidResource as exc:
-            raise _translate(exc, args.name) from None
-        if held is not None:
-            # virtlockd: a second shared acquire by anyone joins; anything else is busy,
-            # the same owner included
-            if shared and held.mode == "shared":
-                return
-            raise busy(args.name)
         if ls != DIRECT and not autocreate:
             path = self._lease_file(ls, args.name)
             try:
@@ -416,15 +406,27 @@ class VirtlockdConnection(asyncio.Protocol):
                     f"Unable to open resource {path}", exc.errno or errno.EIO
                 ) from None
         mode = "shared" if shared else "exclusive"
+        newest = self.service.commit.last_token  # a lease granted now gets a larger token
         try:
-            await self.service.acquire(owner, ls, args.name, mode, None, self.peer)
+            lease = await self.service.acquire(owner, ls, args.name, mode, None, self.peer)
         except LockdError as exc:
             raise _translate(exc, args.name, autocreate and ls != DIRECT) from None
+        if lease.token <= newest and not shared:
+            # the owner held it already: the service answers an idempotent repeat, virtlockd
+            # "is locked" (a second shared acquire joins, in both)
+            raise busy(args.name)
+
+    def _held(self, owner: Owner, ls: str, name: str) -> Lease | None:
+        # by the name it was taken with (an owner holds a VM's few disks), else by the file
+        for lease in owner.leases.values():
+            if lease.resource == name and lease.lockspace == ls:
+                return lease
+        return self.service.held_by(owner, ls, name)
 
     async def _release(self, owner: Owner, args: ResourceArgs) -> None:
         ls = self._lockspace(args.path)
         try:
-            held = self.service.held_by(owner, ls, args.name)
+            held = self._held(owner, ls, args.name)
             if held is None:
                 if self.service.holders(ls, args.name):
                     raise _refuse(
