@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import sd_harness as sd
-from e2e import wait_until
+from e2e import Conn, wait_until
 
 BINARIES = (
     "/usr/sbin/libvirtd",
@@ -523,6 +523,11 @@ class DirectLockd(_TransientDaemon):
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.socket, self.admin_socket, *args)
 
+    def admin(self, method: str) -> dict[str, Any]:
+        """One io.lockd.Admin call in-process (for polling: no lockctl process each time)."""
+        with Conn(self.admin_socket) as c:
+            return c.call(f"io.lockd.Admin.{method}")
+
     def wipe(self) -> None:
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
@@ -552,3 +557,8 @@ class SystemdLockd(LockDaemon):
 
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.host.sm.socket, self.host.sm.admin_socket, *args)
+
+    def admin(self, method: str) -> dict[str, Any]:
+        """One io.lockd.Admin call in-process (for polling: no lockctl process each time)."""
+        with Conn(self.host.sm.admin_socket) as c:
+            return c.call(f"io.lockd.Admin.{method}")
