@@ -19,6 +19,17 @@ their futures resolve. A reply is never sent before its commit.
 Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or it is
 ``lost``); ``token`` values only grow; a request of a non-root peer touches only owners of
 its own uid.
+
+General capabilities that the libvirt drop-in (virtlockd_server.py) needed, added here
+because any front end may use them (nothing here knows virtlockd's protocol):
+- ``register`` of a uuid whose process has exited but whose death is not processed yet
+  first finishes that death (``owner_gone``, one task per owner), then registers the new
+  process: a VM manager restarts a VM under the same uuid at once. An owner may carry the
+  manager's own number for it (``domain_id``), journaled and listed.
+- ``held_by`` / ``holders``: who holds a resource, for a protocol whose answers depend on it
+  (virtlockd tells "not locked" from "held by another owner").
+- ``add_lockspace``: a named lockspace (lease files named by the client, lockspace.py)
+  created at run time and journaled, so it outlives a restart.
 """
 
 from __future__ import annotations
