@@ -414,9 +414,6 @@ class LockDaemon:
     def pid(self) -> int:
         raise NotImplementedError
 
-    def kill_and_restart(self, sig: int = signal.SIGKILL) -> Restart:
-        raise NotImplementedError
-
 
 class _TransientDaemon(LockDaemon):
     """A daemon run as the transient unit ``DAEMON_UNIT`` (not socket-activated)."""
@@ -428,7 +425,12 @@ class _TransientDaemon(LockDaemon):
         return ["--property=Type=exec"]
 
     def ready(self) -> bool:
+        # a socket file left by a killed instance accepts nothing: connecting is the test
         return self.host.can_connect(VIRTLOCKD_SOCK)
+
+    def ready_at(self) -> float:
+        """When the running instance became ready (CLOCK_MONOTONIC): seen just now."""
+        return time.monotonic()
 
     def pid(self) -> int:
         return int(self.host.sm.prop(DAEMON_UNIT, "MainPID") or 0)
@@ -460,7 +462,7 @@ class _TransientDaemon(LockDaemon):
         self.host.run_inside("systemd-run", f"--unit={DAEMON_UNIT}", *self.unit_props(),
                              *self.argv())  # fmt: skip
         wait_until(self.ready, 60, 0.005, f"{self.name} to accept connections again")
-        return Restart(old, self.pid(), t0, time.monotonic())
+        return Restart(old, self.pid(), t0, self.ready_at())
 
 
 class Virtlockd(_TransientDaemon):
@@ -470,10 +472,6 @@ class Virtlockd(_TransientDaemon):
 
     def argv(self) -> list[str]:
         return ["/usr/sbin/virtlockd", "-f", "/etc/libvirt/virtlockd.conf"]
-
-    def ready(self) -> bool:
-        # a socket file left by the killed instance accepts nothing: connecting is the test
-        return self.host.can_connect(VIRTLOCKD_SOCK)
 
 
 def _lockctl(socket_path: Path, admin: Path, *args: str) -> Any:
@@ -519,6 +517,10 @@ class DirectLockd(_TransientDaemon):
         return self.host.sm.prop(DAEMON_UNIT, "ActiveState") == "active" and (
             self.host.can_connect(VIRTLOCKD_SOCK)
         )
+
+    def ready_at(self) -> float:
+        # systemd's own time of READY=1 (Type=notify), on the same CLOCK_MONOTONIC as ours
+        return int(self.host.sm.prop(DAEMON_UNIT, "ActiveEnterTimestampMonotonic")) / 1e6
 
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.socket, self.admin_socket, *args)
