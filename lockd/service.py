@@ -55,8 +55,10 @@ from lockd.journal import (
     insert_lease,
     lease_event,
     owner_event,
+    put_grant,
     put_owner,
     set_meta,
+    touch_grant,
 )
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
@@ -76,11 +78,12 @@ TOKEN_BLOCK = 1024
 class GroupCommit:
     """Batch the journal writes of requests that arrive together into one transaction.
 
-    Within a batch, the writes of the hot path (lease inserts, lease deletes, history events)
-    are gathered per statement, so that N requests cost three ``executemany`` calls rather
-    than 2N ``execute``; every other write runs first, in submission order. Regrouping is
-    safe because no two of them in one batch touch the same row: a release waits until its
-    lease's acquire has settled (so a lease is never inserted and deleted in one batch), an
+    Within a batch, the writes of the hot path (lease inserts and deletes, grant rows,
+    history events) are gathered per statement, so that N requests cost four
+    ``executemany`` calls and one history row rather than 3N ``execute``; every other write
+    runs first, in submission order. Regrouping is safe because no two of them in one batch
+    touch the same row: a release waits until its lease's acquire has settled (so a lease is
+    never inserted and deleted, nor its grant row written and touched, in one batch), an
     owner's death waits for its leases to settle and forgets the owner first (so no insert
     races the owner's ``DELETE ... WHERE owner``), and events keep their relative order.
     """
@@ -473,8 +476,7 @@ class LockService:
         try:
             self.fdstore.add(lease.fdname, locked.fd)
             await self.commit.submit(
-                insert_lease(lease),
-                lease_event("acquire", lease, at=lease.acquired_at),
+                insert_lease(lease), put_grant(lease), lease_event("acquire", lease)
             )
         except BaseException as exc:
             # not journaled (or not parked in the fd store): nothing was granted
@@ -534,7 +536,9 @@ class LockService:
         lease.settled = self.loop.create_future()
         failpoint.hit("release.before-commit")
         try:
-            await self.commit.submit(delete_lease(lease.token), lease_event(event, lease, reason))
+            await self.commit.submit(
+                delete_lease(lease.token), touch_grant(lease), lease_event(event, lease, reason)
+            )
         except JournalError:
             lease.apply(Event.FAILED)
             self._settle(lease)

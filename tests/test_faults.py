@@ -326,7 +326,7 @@ def test_corrupt_journal_refused_untouched(stopped_journal: Daemon) -> None:
 
 @pytest.mark.parametrize(
     "table",
-    ["events", "events_by_resource", "leases"],
+    ["history", "grants", "leases"],
 )
 def test_journal_with_a_corrupt_table_is_refused_at_start(
     stopped_journal: Daemon, table: str
