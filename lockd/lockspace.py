@@ -18,6 +18,7 @@ across a symlink silently changes which file is meant.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -39,6 +40,9 @@ def _invalid(resource: str, reason: str) -> InvalidResource:
 _NOT_NORMAL = frozenset(("", ".", ".."))
 
 
+# Valid paths are remembered (an invalid one raises, and lru_cache keeps only returns): a
+# client names the same few images again and again, and the check walks every component.
+@functools.lru_cache(maxsize=1024)
 def check_path(path: str) -> None:
     if not path:
         raise _invalid(path, "empty resource")

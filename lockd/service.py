@@ -13,8 +13,20 @@ has a failpoint so tests can crash the daemon between any two of them:
 
 Group commit (:class:`GroupCommit`): every journal write is queued with a future; the queue
 is flushed by a callback scheduled with ``call_soon``, i.e. after every request that arrived
-in the same loop iteration has queued its writes. One transaction, one ``COMMIT``, then all
-their futures resolve. A reply is never sent before its commit.
+in the same loop iteration has queued its writes. One transaction, one ``COMMIT``, then, in
+submission order, each request's post-commit step (``then``: settle the lease, drop a
+released lock) and its future. A reply is never sent before its commit.
+
+Two ways in, with the same checks and the same order of steps. The coroutines
+(:meth:`LockService.acquire`, :meth:`~LockService.release`, ...) are for callers that await.
+A front end's hot path uses :meth:`~LockService.acquire_nowait` and
+:meth:`~LockService.release_nowait` instead: plain functions that run every step up to the
+journal commit at once, raise a refusal known at once (``ResourceBusy``, ``NotHeld``, ...)
+at once, and return an :class:`asyncio.Future` of the answer (the :class:`Lease`; Release's
+reply dict), already done when nothing needs journaling (an idempotent repeat). A request
+costs no task and no coroutine; only one that must wait for another request on the same
+lease to settle gets a task. Reply from the future's done callback, or at once if it is
+done: ``fut.add_done_callback(...)``. (lockd.server's Varlink connection does exactly that.)
 
 Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or it is
 ``lost``); ``token`` values only grow; a request of a non-root peer touches only owners of
@@ -29,8 +41,8 @@ import os
 import signal
 import time
 import uuid as uuidlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from lockd import failpoint, ofd, process
 from lockd.config import FENCE_POLICIES, Config
@@ -73,6 +85,9 @@ OWNER_NAMESPACE = uuidlib.UUID("6c0c4a0e-7d5b-4c8e-9a51-0f3c1d2b9e77")
 
 
 TOKEN_BLOCK = 1024
+T = TypeVar("T")
+# what follows a commit: called with None, or with the JournalError that rolled it back
+Then = Callable[[JournalError | None], T]
 
 
 class GroupCommit:
@@ -93,7 +108,7 @@ class GroupCommit:
         self.loop = loop
         self._writes: list[Write] = []  # in submission order
         self._runs: dict[str, list[Write]] = {sql: [] for sql in REGROUPED}
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[tuple[asyncio.Future[Any], Then[Any] | None]] = []
         self._scheduled = False
         # the token sequence: allocated in memory, stored by the batch that grants it
         self.last_token = 0
@@ -103,11 +118,17 @@ class GroupCommit:
         self.last_token += 1
         return self.last_token
 
-    def submit(self, *writes: Write) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = self.loop.create_future()
+    def submit(self, *writes: Write, then: Then[T] | None = None) -> asyncio.Future[T]:
+        """Queue writes for the next commit. The future resolves once they are journaled
+        (or raises the JournalError that rolled them back); with ``then``, to what
+        ``then(error)`` returns or raises, called right after the commit in submission
+        order: the step that must follow a commit runs before any reply is sent, without a
+        task to wake up."""
+        fut: asyncio.Future[T] = self.loop.create_future()
+        runs = self._runs
         for write in writes:
-            self._runs.get(write[0], self._writes).append(write)
-        self._waiters.append(fut)
+            runs.get(write[0], self._writes).append(write)
+        self._waiters.append((fut, then))
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.flush)
@@ -129,18 +150,31 @@ class GroupCommit:
             # never reused; a crash skips the rest of a block.
             reserve = token + TOKEN_BLOCK
             writes.append(set_meta("last_token", str(reserve)))
+        error: JournalError | None = None
         try:
             self.journal.commit(writes)
         except JournalError as exc:
             log.error("journal commit failed: %s", exc, extra={"LOCKD_EVENT": "journal-error"})
-            for fut in waiters:
+            error = exc
+        else:
+            self._stored_token = reserve
+        for fut, then in waiters:
+            if then is None:
+                if fut.done():
+                    continue
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+                continue
+            try:
+                result = then(error)
+            except Exception as exc:  # the request's answer (a bug too: an internal error)
                 if not fut.done():
                     fut.set_exception(exc)
-            return
-        self._stored_token = reserve
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
 
 
 def _log_lease(template: str, lease: Lease, event: str) -> None:
@@ -382,6 +416,20 @@ class LockService:
         token: int | None,
         peer: process.Peer,
     ) -> Lease:
+        return await self.acquire_nowait(owner, lockspace, resource, mode, token, peer)
+
+    def acquire_nowait(
+        self,
+        owner: Owner,
+        lockspace: str | None,
+        resource: str,
+        mode: str,
+        token: int | None,
+        peer: process.Peer,
+    ) -> asyncio.Future[Lease]:
+        """:meth:`acquire` without a coroutine: every step up to the journal commit runs now,
+        a refusal known at once raises now, and the future resolves to the lease once its
+        grant is journaled (at once for a repeat of a granted request)."""
         # ``mode`` is one of MODES: the server checks it with the other parameters
         ls = self.lockspaces.canonical(lockspace)
         self.lockspaces.check(ls, resource)
@@ -405,12 +453,21 @@ class LockService:
         if rkey is None:
             ofd.lock_existing(resource, exclusive)  # raises the precise error
             raise AssertionError("unreachable: stat failed but open succeeded")
-        while True:
-            existing = owner.leases.get((ls, rkey))
-            if existing is None or existing.settled is None:
-                break
-            seen = None  # stale after a wait: lock() looks at the path again
-            await asyncio.shield(existing.settled)
+        existing = owner.leases.get((ls, rkey))
+        if existing is not None and existing.settled is not None:
+            # a commit for this (owner, resource) is in flight: answer once it settled
+            return self.loop.create_task(
+                self._after(
+                    existing.settled,
+                    self.acquire_nowait,
+                    owner,
+                    lockspace,
+                    resource,
+                    mode,
+                    token,
+                    peer,
+                )
+            )
         if owner.uuid not in self.table.owners:
             raise NoSuchOwner(owner=owner.uuid)
         if existing is not None:
@@ -423,7 +480,7 @@ class LockService:
                     resource=resource,
                     mode=mode,
                 )
-            return existing  # idempotent repeat: same lease, same token
+            return self._resolved(existing)  # idempotent repeat: same lease, same token
         if len(owner.leases) >= self.config.max_leases_per_owner:
             raise LimitExceeded(limit="leases-per-owner", value=self.config.max_leases_per_owner)
         if self.table.count >= self.config.max_leases:
@@ -475,19 +532,26 @@ class LockService:
         self.table.add(lease)
         try:
             self.fdstore.add(lease.fdname, locked.fd)
-            await self.commit.submit(
-                insert_lease(lease), put_grant(lease), lease_event("acquire", lease)
-            )
-        except BaseException as exc:
-            # not journaled (or not parked in the fd store): nothing was granted
+        except OSError as exc:  # not parked in the fd store: nothing was granted
+            self._acquired(lease, exc)
+        return self.commit.submit(
+            insert_lease(lease),
+            put_grant(lease),
+            lease_event("acquire", lease),
+            then=lambda error: self._acquired(lease, error),
+        )
+
+    def _acquired(self, lease: Lease, error: Exception | None) -> Lease:
+        """After the grant's commit (or its failure: then nothing was granted)."""
+        if error is not None:
             lease.apply(Event.FAILED)
             self._drop(lease)
             self._settle(lease)
-            if isinstance(exc, OSError) and not isinstance(exc, LockdError):
+            if isinstance(error, OSError) and not isinstance(error, LockdError):
                 raise JournalError(
-                    f"the fd store refused the lease fd: {exc}", reason=str(exc)
+                    f"the fd store refused the lease fd: {error}", reason=str(error)
                 ) from None
-            raise
+            raise error
         lease.apply(Event.COMMITTED)
         self._settle(lease)
         _log_lease("acquired %s %s token %d", lease, "acquire")
@@ -509,40 +573,62 @@ class LockService:
         return None, rkey
 
     async def release(self, owner: Owner, lockspace: str | None, resource: str) -> dict[str, Any]:
+        return await self.release_nowait(owner, lockspace, resource)
+
+    def release_nowait(
+        self, owner: Owner, lockspace: str | None, resource: str
+    ) -> asyncio.Future[dict[str, Any]]:
+        """:meth:`release` without a coroutine, as :meth:`acquire_nowait`: the future
+        resolves to the reply once the release is journaled and the lock dropped."""
         ls = self.lockspaces.canonical(lockspace)
         self.lockspaces.check(ls, resource)
-        while True:
-            lease, rkey = self._find(owner, ls, resource)
-            if lease is None or lease.settled is None:
-                break
-            await asyncio.shield(lease.settled)
+        lease, rkey = self._find(owner, ls, resource)
+        if lease is not None and lease.settled is not None:
+            return self.loop.create_task(
+                self._after(lease.settled, self.release_nowait, owner, lockspace, resource)
+            )
         if lease is None:
             last = self.journal.last_release(owner.uuid, ls, rkey) if rkey else None
             if last is None:
                 raise NotHeld(lockspace=ls, resource=resource)
-            return released_wire(
-                lockspace=ls,
-                resource=last["resource"],
-                mode=last["mode"],
-                owner=owner.ref(),
-                token=last["token"],
+            return self._resolved(
+                released_wire(
+                    lockspace=ls,
+                    resource=last["resource"],
+                    mode=last["mode"],
+                    owner=owner.ref(),
+                    token=last["token"],
+                )
             )
-        await self.release_lease(lease, "release", None)
-        return released_wire(lease)
+        return self.release_lease_nowait(lease, "release", None, released_wire)
 
     async def release_lease(self, lease: Lease, event: str, reason: str | None) -> None:
         """Journal the end of a lease, then drop its kernel lock (DESIGN §4 rule 2)."""
+        await self.release_lease_nowait(lease, event, reason, lambda lease: None)
+
+    def release_lease_nowait(
+        self, lease: Lease, event: str, reason: str | None, answer: Callable[[Lease], T]
+    ) -> asyncio.Future[T]:
+        """:meth:`release_lease` without a coroutine; the future resolves to
+        ``answer(lease)`` once the lock is dropped."""
         lease.apply(Event.RELEASE)
         lease.settled = self.loop.create_future()
         failpoint.hit("release.before-commit")
-        try:
-            await self.commit.submit(
-                delete_lease(lease.token), touch_grant(lease), lease_event(event, lease, reason)
-            )
-        except JournalError:
+        return self.commit.submit(
+            delete_lease(lease.token),
+            touch_grant(lease),
+            lease_event(event, lease, reason),
+            then=lambda error: answer(self._released(lease, event, reason, error)),
+        )
+
+    def _released(
+        self, lease: Lease, event: str, reason: str | None, error: JournalError | None
+    ) -> Lease:
+        """After the release's commit: drop the lock (or keep it: the commit failed)."""
+        if error is not None:
             lease.apply(Event.FAILED)
             self._settle(lease)
-            raise
+            raise error
         lease.apply(Event.COMMITTED)
         failpoint.hit("release.after-commit")
         self._drop(lease)
@@ -551,6 +637,7 @@ class LockService:
         _log_lease("released %s %s token %d", lease, event)
         if event != "release":
             self.publish(lease.owner, lease.as_event(event, reason, time.time()))
+        return lease
 
     async def release_all(self, owner: Owner) -> list[dict[str, Any]]:
         leases = list(owner.leases.values())
@@ -606,6 +693,19 @@ class LockService:
         fut, lease.settled = lease.settled, None
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+    def _resolved(self, value: T) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = self.loop.create_future()
+        fut.set_result(value)
+        return fut
+
+    @staticmethod
+    async def _after(
+        settled: asyncio.Future[None], nowait: Callable[..., asyncio.Future[T]], *args: Any
+    ) -> T:
+        """Wait until a lease in flight settled, then start the request over."""
+        await asyncio.shield(settled)
+        return await nowait(*args)
 
     # -- fencing and watchers -------------------------------------------------------------
     def fence(self, owner: Owner, leases: Iterable[Lease]) -> None:
