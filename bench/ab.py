@@ -10,8 +10,8 @@ taking turns (A B B A A B ...) so that both see the same load:
   seconds: pairs/s and the daemon's CPU per pair (batches grow with the load, so this is the
   figure the group commit moves);
 - ``restart`` (``--leases N``): N leases held by one owner, ``kill -9``, start again: the new
-  daemon's CPU from exec to ``READY=1`` (schedstat read at READY), kill -> READY, and the
-  recovery time it reports;
+  daemon's CPU from exec to ``READY=1`` (schedstat read at READY), kill -> READY, the
+  recovery time it reports, and its RSS once recovered;
 
 Instruction counts would be steadier than CPU time, but this machine has neither hardware
 counters for ``perf stat -e instructions`` (a VM) nor a valgrind that knows ``pidfd_open``
@@ -92,6 +92,8 @@ def run_restart(d: Lockd, owners: Owners, files: list[Path], n: int) -> dict[str
     d.start()
     kill_to_ready = time.perf_counter() - t
     cpu = d.cpu_s()  # at READY: the daemon is idle from here on
+    time.sleep(0.2)
+    rss_mb = d.rss_kb() / 1024
     st = d.status()
     if st["recovery"]["retaken"] != n:
         raise RuntimeError(f"re-took {st['recovery']} of {n} leases")
@@ -99,6 +101,7 @@ def run_restart(d: Lockd, owners: Owners, files: list[Path], n: int) -> dict[str
         "cpu_ms": cpu * 1e3,
         "kill_to_ready_ms": kill_to_ready * 1e3,
         "recovery_ms": st["recovery"]["duration_ms"],
+        "rss_mb": rss_mb,
     }
 
 

@@ -374,7 +374,9 @@ def _count_events(path: Path) -> int | None:
         try:
             conn = sqlite3.connect(Path(tmp) / path.name)
             try:
-                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+                # one history row per commit (migration 006), its events a JSON array
+                row = conn.execute("SELECT sum(json_array_length(events)) FROM history")
+                return int(row.fetchone()[0] or 0)
             finally:
                 conn.close()
         except sqlite3.Error:

@@ -77,6 +77,9 @@ _TOUCH_GRANT = "UPDATE grants SET at = ? WHERE lockspace = ? AND rkey = ? AND ow
 EVENT = "history event"
 # an event's fields, in the order of its JSON array
 EVENT_FIELDS = ("event", "lockspace", "resource", "owner", "pid", "token", "mode", "reason")
+# orjson's UTF-8 bytes, stored as TEXT (JSON that SQLite's json functions read) without
+# decoding them to a str first
+_INSERT_HISTORY = "INSERT INTO history (seq, at, events) VALUES (?, ?, CAST(? AS TEXT))"
 # The hot path's statements, which a group commit may regroup (see service.GroupCommit)
 REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _PUT_GRANT, _TOUCH_GRANT, EVENT)
 _PUT_OWNER = (
@@ -272,11 +275,15 @@ LEASE_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything recovery needs, read in one transaction."""
+    """Everything recovery needs. Nothing else writes the journal meanwhile (the daemon
+    holds it exclusively and serves nobody yet), so no transaction is needed to read it."""
 
     meta: dict[str, str]
     owners: list[dict[str, Any]]
-    leases: list[tuple[Any, ...]]  # LEASE_COLUMNS
+    # rows in LEASE_COLUMNS order, read one by one (a cursor, not a list: recovery turns
+    # each into a lease at once, and 10,000 rows held at once would stay in the daemon's
+    # peak RSS for good)
+    leases: Iterator[tuple[Any, ...]]
 
 
 _LEASE_WIRE_SQL = """
@@ -438,10 +445,7 @@ class Journal:
                 self.conn.executemany(sql, [params for _, params in run])
         if events:
             seq = self.next_seq
-            self.conn.execute(
-                "INSERT INTO history (seq, at, events) VALUES (?, ?, ?)",
-                (seq, time.time(), orjson.dumps(events).decode()),
-            )
+            self.conn.execute(_INSERT_HISTORY, (seq, time.time(), orjson.dumps(events)))
             self.next_seq = seq + len(events)
 
     def commit(self, writes: Iterable[Write]) -> None:
@@ -474,15 +478,14 @@ class Journal:
 
     # -- state ----------------------------------------------------------------------------
     def load(self) -> Snapshot:
-        with self.transaction():
-            meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
-            owners = self._dicts("SELECT * FROM owners")
-            # tuples in LEASE_COLUMNS order, not dicts: a fifth of the memory per row, and
-            # recovery reads tens of thousands at once (the process keeps its peak RSS)
-            leases = self.conn.execute(
-                f"SELECT {', '.join(LEASE_COLUMNS)} FROM leases ORDER BY token"
-            ).fetchall()
+        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        owners = self._dicts("SELECT * FROM owners")
+        # tuples, not dicts or sqlite3.Row: a fifth of the memory, no lookup by name
+        leases = self.conn.execute(f"SELECT {', '.join(LEASE_COLUMNS)} FROM leases ORDER BY token")
         return Snapshot(meta, owners, leases)
+
+    def has_leases(self) -> bool:
+        return bool(self.conn.execute("SELECT EXISTS (SELECT 1 FROM leases)").fetchone()[0])
 
     def _dicts(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         cur = self.conn.execute(sql, params)
@@ -574,10 +577,7 @@ class Journal:
                 events = orjson.loads(packed)[upto - seq :]
                 self.conn.execute("DELETE FROM history WHERE seq = ?", (seq,))
                 if events:
-                    self.conn.execute(
-                        "INSERT INTO history (seq, at, events) VALUES (?, ?, ?)",
-                        (upto, at, orjson.dumps(events).decode()),
-                    )
+                    self.conn.execute(_INSERT_HISTORY, (upto, at, orjson.dumps(events)))
             # a grant (or the end of its lease) older than all history left is forgotten,
             # unless the lease is still held: its release must answer with its token
             self.conn.execute(
