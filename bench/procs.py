@@ -166,14 +166,16 @@ class Service:
         self.notify.close()
 
 
-def compile_tree(src: Path | None = None, python: str = sys.executable) -> None:
+def compile_tree(
+    src: Path | None = None, python: str = sys.executable, package: str = "lockd"
+) -> None:
     """Byte-compile a lockd tree (default: this one), as installing it would.
 
     This environment may set ``PYTHONDONTWRITEBYTECODE=1``; a daemon started under it
     recompiles every lockd module at every start (~50 ms of a restart), which no installed
     lockd does. So the daemon under test runs without the variable, on bytecode compiled
     here once."""
-    pkg = (src or REPO) / "lockd"
+    pkg = (src or REPO) / package
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     subprocess.run([python, "-m", "compileall", "-q", str(pkg)], env=env, check=True)
 
@@ -221,13 +223,15 @@ class Lockd(Service):
 
 
 class FloorServer(Service):
-    """The do-nothing asyncio Varlink server of :mod:`bench.wire`."""
+    """The do-nothing Varlink server of :mod:`bench.wire`, on uvloop by default: the event
+    loop lockd runs on (``event_loop = "uvloop"``), so lockd ÷ floor is lockd's own cost and
+    not the difference between two loops. Bytecode-compiled, like the daemon."""
 
-    def __init__(self, base: Path, python: str = sys.executable, uvloop: bool = False) -> None:
+    def __init__(self, base: Path, python: str = sys.executable, uvloop: bool = True) -> None:
         self.socket = base / "floor.sock"
         self.socket.unlink(missing_ok=True)
         argv = [python, "-m", "bench.wire", str(self.socket)] + (["uvloop"] if uvloop else [])
-        super().__init__(base, argv, {"PYTHONPATH": str(REPO)})
+        super().__init__(base, argv, {"PYTHONPATH": str(REPO)}, unset=("PYTHONDONTWRITEBYTECODE",))
 
     def start(self) -> float:
         self.socket.unlink(missing_ok=True)

@@ -2,8 +2,9 @@
 
 Per repetition (default 3; ``--quick``: 1, shorter), in this order:
 
-floors    OFD lock+unlock; SQLite WAL commit (NORMAL, FULL); the do-nothing asyncio Varlink
-          server: spawn->READY, RSS, 1 connection and 16/64 client processes doing pairs;
+floors    OFD lock+unlock; SQLite WAL commit (NORMAL, FULL); the do-nothing Varlink server
+          on uvloop (lockd's loop): spawn->READY, RSS, 1 connection and 16/64 client
+          processes doing pairs, its CPU per pair;
           open+OFD-lock of 1,000/5,000/10,000 files (what recovery must redo)
 lockd     a fresh daemon: 1 connection doing acquire+release pairs with the raw client
           (:mod:`bench.wire`, the floor's client) and once with ``lockd.client.Client``;
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import floors, report, vl
-from bench.procs import REPO, FloorServer, Lockd, Owners, register
+from bench.procs import REPO, FloorServer, Lockd, Owners, compile_tree, register
 from bench.stats import linear_fit
 from bench.wire import PairDriver, Raw
 from bench.workloads import Driver, concurrent, sequential
@@ -338,7 +339,7 @@ def run_journal(ctx: Ctx) -> dict[str, Any]:
             r = concurrent(make, nc, pairs_each=pairs_each, server_pid=d.pid)
             done_ops += 2 * r["pairs"]
             cp = {"ops": done_ops, "elapsed_s": time.perf_counter() - t0, "per_s": r["per_s"]}
-            cp.update({k: r[k] for k in ("p50_us", "p99_us", "max_us")})
+            cp.update({k: r[k] for k in ("p50_us", "p99_us", "max_us", "server_cpu_us_per_pair")})
             cp.update(d.journal_bytes())
             cp["total_bytes"] = sum(v for k, v in cp.items() if k.startswith("journal.sqlite"))
             cp["events"] = _count_events(d.state_dir / "journal.sqlite")
@@ -499,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     why_not_vl = vl.unavailable() if "virtlockd" not in a.skip else "skipped"
+    # as deployed: the daemon (and the floor server) run on compiled bytecode
+    compile_tree(a.lockd_src)
+    compile_tree(REPO, package="bench")
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lkbench.", dir="/tmp"))
     nfiles = max(max(a.steps), max(a.clients) + 1, a.journal_clients + 1)
