@@ -245,7 +245,9 @@ class Connection(asyncio.Protocol):
             self._finish(call, shape, fut)
             return
         self._call, self._shape = call, shape
-        fut.add_done_callback(self._answered)
+        # reply in the loop iteration of the commit when the answer waits for one
+        if not self.server.service.commit.call_after_commit(fut, self._answered):
+            fut.add_done_callback(self._answered)
 
     def _answered(self, fut: asyncio.Future[Any]) -> None:
         call, shape = self._call, self._shape
