@@ -1,5 +1,5 @@
 # The two commands (README): `make run` and `make test`. Everything else has its own target.
-.PHONY: setup run test lint clean install demo bench torture
+.PHONY: setup run test test-mypyc lint clean install demo bench torture
 
 setup:
 	@sh scripts/setup.sh
@@ -10,6 +10,13 @@ run: setup
 
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The optional compiled build (setup.py: LOCKD_MYPYC=1 compiles the hot path with mypyc) in
+# build/mypyc/, and the tests against it: every daemon a test starts runs from there (the
+# systemd tests run the installed, pure-Python lockd). `make test` runs pure Python.
+test-mypyc: setup
+	scripts/build-mypyc.sh
+	LOCKD_E2E_TREE=$(CURDIR)/build/mypyc .venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # A private, real systemd with the project's units: lockd aborted, no lock ever free (~10 s).
 demo: setup
@@ -32,7 +39,7 @@ torture: setup
 	.venv/bin/python -m torture $(TORTURE_ARGS)
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build
 
 # Install for real: console scripts on PATH, units in /etc/systemd/system, sockets enabled.
 install: setup

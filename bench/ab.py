@@ -18,10 +18,12 @@ counters for ``perf stat -e instructions`` (a VM) nor a valgrind that knows ``pi
 (Debian 12's 3.19 answers ENOSYS, so Register fails under callgrind).
 
 A tree is a git commit (``git archive`` into a temporary directory) or a directory holding a
-``lockd`` package; each runs bytecode-compiled, as installed. Prints the medians per variant
-and B/A; ``--json`` writes every round. Example, the working tree against its last commit::
+``lockd`` package, or ``mypyc:`` and one of those for its optional compiled build; each runs
+bytecode-compiled, as installed. Prints the medians per variant and B/A; ``--json`` writes
+every round. Examples, the working tree against its last commit, and compiled against not::
 
     python -m bench.ab HEAD . --rounds 5
+    python -m bench.ab . mypyc:.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import REPO, Lockd, Owners, compile_tree, register
+from bench.procs import REPO, Lockd, Owners, compile_tree, compiled_tree, register
 from bench.run import make_files
 from bench.wire import PairDriver, Raw
 from bench.workloads import Driver, concurrent, sequential
 
 
 def materialize(spec: str, into: Path) -> Path:
-    """A directory with the ``lockd`` package of ``spec`` (a commit, or a directory)."""
+    """A directory with the ``lockd`` package of ``spec`` (a commit, or a directory; with
+    ``mypyc:`` in front, its optional compiled build)."""
+    if spec.startswith("mypyc:"):
+        return compiled_tree(materialize(spec[len("mypyc:") :], into / "src"), into / "mypyc")
     if Path(spec, "lockd", "__init__.py").exists():
         return Path(spec).resolve()
     into.mkdir(parents=True)
@@ -55,6 +60,11 @@ def materialize(spec: str, into: Path) -> Path:
         capture_output=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    for name in ("setup.py", "pyproject.toml", "README.md"):  # what a compiled build needs
+        data = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{spec}:{name}"], capture_output=True
+        ).stdout
+        (into / name).write_bytes(data)
     return into
 
 

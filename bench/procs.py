@@ -180,6 +180,19 @@ def compile_tree(
     subprocess.run([python, "-m", "compileall", "-q", str(pkg)], env=env, check=True)
 
 
+def compiled_tree(src: Path | None, into: Path) -> Path:
+    """The optional compiled build of a lockd tree (setup.py, ``LOCKD_MYPYC=1``: the hot
+    path through mypyc), made by ``scripts/build-mypyc.sh`` into ``into``."""
+    script = REPO / "scripts" / "build-mypyc.sh"
+    subprocess.run(
+        [str(script), str(src or REPO), str(into)],
+        env={**os.environ, "PYTHON": sys.executable},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return into
+
+
 class Lockd(Service):
     """``python -m lockd.daemon`` on private paths (``src``: a lockd tree to run instead),
     bytecode-compiled as deployed (:func:`compile_tree`)."""

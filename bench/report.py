@@ -371,7 +371,8 @@ def render(
     lines = [
         f"lockd benchmark {meta['when']}: {meta['cpus']} CPUs, kernel {meta['kernel']}, "
         f"Python {meta['python']}, SQLite {meta['sqlite']}, lockd {meta['lockd_git']} "
-        f"({meta['lockd']}); virtlockd: {meta['virtlockd']}; {meta['args']['reps']} "
+        f"({meta['lockd']}, {meta.get('build', 'pure Python')}); virtlockd: {meta['virtlockd']}; "
+        f"{meta['args']['reps']} "
         f"repetition(s), medians; load average {' '.join(meta['loadavg'])} at the start, "
         f"{' '.join(meta.get('loadavg_end', []))} at the end.",
         "",

@@ -45,7 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import floors, report, vl
-from bench.procs import REPO, FloorServer, Lockd, Owners, compile_tree, register
+from bench.procs import (
+    REPO,
+    FloorServer,
+    Lockd,
+    Owners,
+    compile_tree,
+    compiled_tree,
+    register,
+)
 from bench.stats import linear_fit
 from bench.wire import PairDriver, Raw
 from bench.workloads import Driver, concurrent, sequential
@@ -443,6 +451,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also record py-spy profiles")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames)")
     p.add_argument("--lockd-src", type=Path, help="run the daemon from this lockd tree")
+    p.add_argument(
+        "--mypyc",
+        action="store_true",
+        help="run the daemon compiled with mypyc (setup.py's optional build; ~1 min to build)",
+    )
     p.add_argument("--lockd-python", default=sys.executable, help="interpreter for the daemon")
     p.add_argument("--lockd-config", help="TOML text for the daemon's --config")
     p.add_argument("--out", type=Path, help="results directory (default $OUT or results/)")
@@ -500,16 +513,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     why_not_vl = vl.unavailable() if "virtlockd" not in a.skip else "skipped"
+    work = Path(tempfile.mkdtemp(prefix="lkbench.", dir="/tmp"))
+    if a.mypyc:
+        log("building the daemon with mypyc (scripts/build-mypyc.sh)")
+        a.lockd_src = compiled_tree(a.lockd_src, work / "mypyc")
     # as deployed: the daemon (and the floor server) run on compiled bytecode
     compile_tree(a.lockd_src)
     compile_tree(REPO, package="bench")
-    a.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="lkbench.", dir="/tmp"))
     nfiles = max(max(a.steps), max(a.clients) + 1, a.journal_clients + 1)
     files = make_files(work / "files", nfiles)
     ctx = Ctx(a, work, files)
     meta = machine()
     meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    # the fd-store rows run the installed lockd under systemd: the editable tree, pure Python
+    meta["build"] = "compiled with mypyc (except the fd-store rows)" if a.mypyc else "pure Python"
     meta["virtlockd"] = vl.version() if why_not_vl is None else f"not measured: {why_not_vl}"
     log(f"lockd from {meta['lockd']}; virtlockd: {meta['virtlockd']}; work dir {work}")
     reps: list[dict[str, Any]] = []

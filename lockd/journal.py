@@ -217,7 +217,7 @@ def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
 
 
 def _migrate_in_child(path: Path, pending: set[str]) -> None:
-    """Apply migrations in a short-lived child process (``python -m lockd.journal``).
+    """Apply migrations in a short-lived child process (:func:`_migrate_main`).
 
     sqlite-utils, and what it imports (click, dateutil, ctypes, ...), would otherwise stay
     in the daemon's memory for good after its first start: ~3 MB of RSS for a step taken
@@ -225,7 +225,8 @@ def _migrate_in_child(path: Path, pending: set[str]) -> None:
     in WAL mode; the daemon opens the file only once the child is gone (it then holds the
     file's lock for its whole life)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lockd.journal", str(path), *sorted(pending)],
+        # -c, not -m lockd.journal: runpy cannot run a module compiled with mypyc
+        [sys.executable, "-c", _MIGRATE_CHILD, str(path), *sorted(pending)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -235,8 +236,13 @@ def _migrate_in_child(path: Path, pending: set[str]) -> None:
         raise JournalUnreadable(f"cannot migrate the lockd journal {path}: {lines[-1]}")
 
 
-def _migrate_main(argv: list[str]) -> int:
+_MIGRATE_CHILD = "import sys; from lockd.journal import _migrate_main; sys.exit(_migrate_main())"
+
+
+def _migrate_main(argv: list[str] | None = None) -> int:
     """The child of :func:`_migrate_in_child`: PATH MIGRATION..."""
+    if argv is None:
+        argv = sys.argv[1:]
     conn = sqlite3.connect(argv[0], isolation_level=None)
     try:
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")

@@ -33,6 +33,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
+from lockd.errors import IllegalTransition
+
 
 # str-valued enums: their hash is str's (C), and the transition table is looked up on
 # every grant and release
@@ -82,10 +84,6 @@ WIRE_STATE = {
     S.RELEASING_LOST: "lost",
     S.RELEASED: "released",
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A bug: an event that the lease's state does not allow. Nothing was changed."""
 
 
 @dataclass(eq=False, slots=True)
