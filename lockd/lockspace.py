@@ -19,7 +19,6 @@ across a symlink silently changes which file is meant.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +96,8 @@ class Lockspaces:
     def identify(self, lockspace: str, resource: str) -> tuple[str | None, os.stat_result | None]:
         """The key, and for a direct resource the stat it came from (for :meth:`lock`)."""
         if lockspace != DIRECT:
+            import hashlib  # indirect lockspaces only (not configured on most hosts)
+
             return hashlib.sha256(resource.encode("utf-8", "surrogateescape")).hexdigest(), None
         try:
             st = os.stat(resource)
