@@ -106,6 +106,7 @@ class Connection(asyncio.Protocol):
         # set while the peer does not read its replies (transport above its high-water mark)
         self._peer_behind = False
         self._paused = False  # whether we paused reading
+        self._yielded = False  # a turn given to the other connections (see _answer_queued)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,8 +136,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._decode(data)
-        if self._call is None:
-            self._answer_queued()
+        self._answer_queued()
         self._flow()
 
     def _decode(self, data: bytes) -> None:
@@ -160,8 +160,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._peer_behind = False
-        if self._call is None:
-            self._answer_queued()
+        self._answer_queued()
         self._flow()
 
     # -- internals ------------------------------------------------------------------------
@@ -202,18 +201,35 @@ class Connection(asyncio.Protocol):
     def _answer_queued(self) -> None:
         """Answer the queued calls in order: each one that needs no wait at once; at the
         first that waits, stop until it is answered (:meth:`_answered` comes back here).
-        Nothing more is answered while the peer does not read, nor to a closed peer."""
+        Nothing more is answered while the peer does not read, nor to a closed peer; and
+        after MAX_QUEUED_CALLS answered in one go, the other connections get their turn
+        first (a peer pipelining thousands of calls that need no wait would otherwise hold
+        the loop for as long as they take)."""
         queue = self.queue
-        while not self._peer_behind and not self.closed.done():
+        budget = MAX_QUEUED_CALLS
+        while (
+            self._call is None
+            and not self._yielded
+            and not self._peer_behind
+            and not self.closed.done()
+        ):
             if not queue:
                 if not self.decoder.pending:
                     return
                 self._decode(b"")  # calls left buffered in the decoder
                 if not queue:
                     return
-            self._start(queue.popleft())
-            if self._call is not None:
+            if budget == 0:
+                self._yielded = True
+                self.server.loop.call_soon(self._resume)
                 return
+            budget -= 1
+            self._start(queue.popleft())
+
+    def _resume(self) -> None:
+        self._yielded = False
+        self._answer_queued()
+        self._flow()
 
     def _start(self, msg: dict[str, Any]) -> None:
         try:
