@@ -543,7 +543,12 @@ class Journal:
     ) -> list[dict[str, Any]]:
         """The newest ``limit`` events (of ``owner``, on ``resource``), oldest first."""
         out: list[dict[str, Any]] = []
-        rows = self.conn.execute("SELECT seq, at, events FROM history ORDER BY seq DESC")
+        # rows whose JSON text does not even contain the names are skipped by SQLite itself
+        needles = [orjson.dumps(v).decode() for v in (owner, resource) if v is not None]
+        where = " AND ".join(["instr(events, ?)"] * len(needles)) or "1"
+        rows = self.conn.execute(
+            f"SELECT seq, at, events FROM history WHERE {where} ORDER BY seq DESC", needles
+        )
         for seq, at, packed in rows:
             events = orjson.loads(packed)
             for i in range(len(events) - 1, -1, -1):
