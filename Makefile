@@ -12,8 +12,9 @@ test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The optional compiled build (setup.py: LOCKD_MYPYC=1 compiles the hot path with mypyc) in
-# build/mypyc/, and the tests against it: every daemon a test starts runs from there (the
-# systemd tests run the installed, pure-Python lockd). `make test` runs pure Python.
+# build/mypyc/, and the tests against it: every daemon tests/e2e.py starts runs from there
+# (the systemd and torture tests start the installed or the source tree's lockd, pure
+# Python). `make test` runs pure Python.
 test-mypyc: setup
 	scripts/build-mypyc.sh
 	LOCKD_E2E_TREE=$(CURDIR)/build/mypyc .venv/bin/python -m pytest -q $(PYTEST_ARGS)
