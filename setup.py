@@ -26,6 +26,7 @@ MYPYC_MODULES = (
     "lockspace",
     "ofd",
     "journal",
+    "groupcommit",
     "service",
     "server",
     "recovery",

@@ -79,7 +79,7 @@ EVENT_FIELDS = ("event", "lockspace", "resource", "owner", "pid", "token", "mode
 # orjson's UTF-8 bytes, stored as TEXT (JSON that SQLite's json functions read) without
 # decoding them to a str first
 _INSERT_HISTORY = "INSERT INTO history (seq, at, events) VALUES (?, ?, CAST(? AS TEXT))"
-# The hot path's statements, which a group commit may regroup (see service.GroupCommit)
+# The hot path's statements, which a group commit may regroup (see groupcommit.GroupCommit)
 REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _PUT_GRANT, _TOUCH_GRANT, EVENT)
 _PUT_OWNER = (
     "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
