@@ -1,5 +1,6 @@
 # The two commands (README): `make run` and `make test`. Everything else has its own target.
-.PHONY: setup run test lint clean install install-docs docs demo bench torture e2e-libvirt
+.PHONY: setup run test test-mypyc lint clean install install-docs docs demo bench torture \
+	e2e-libvirt
 PREFIX ?= /usr/local
 
 setup:
@@ -16,6 +17,14 @@ test: setup
 # domains with lockd as its lock daemon, in a private container (~40 s); step timings at the end.
 e2e-libvirt: setup
 	.venv/bin/python -m pytest -q -rs tests/test_libvirt.py $(PYTEST_ARGS)
+
+# The optional compiled build (setup.py: LOCKD_MYPYC=1 compiles the hot path with mypyc) in
+# build/mypyc/, and the tests against it: every daemon tests/e2e.py starts runs from there
+# (the systemd and torture tests start the installed or the source tree's lockd, pure
+# Python). `make test` runs pure Python.
+test-mypyc: setup
+	scripts/build-mypyc.sh
+	LOCKD_E2E_TREE=$(CURDIR)/build/mypyc .venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # A private, real systemd with the project's units: lockd aborted, no lock ever free (~10 s).
 demo: setup
@@ -38,7 +47,7 @@ torture: setup
 	.venv/bin/python -m torture $(TORTURE_ARGS)
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build
 
 # The manual, the sample config and the completion, from man/manual.toml and the parsers
 # (scripts/manpages.py); commit what it writes (tests/test_docs.py checks it is current).

@@ -100,11 +100,18 @@ class Notify:
 class Service:
     """A daemon with ``$NOTIFY_SOCKET`` readiness, started and stopped by pid."""
 
-    def __init__(self, base: Path, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        unset: tuple[str, ...] = (),
+    ) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.argv = argv
         self.env = env or {}
+        self.unset = unset  # variables of our environment the daemon must not inherit
         self.notify = Notify(base / "notify.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = base / "stderr.log"
@@ -118,6 +125,8 @@ class Service:
         """Spawn and wait for READY=1; returns seconds from spawn to READY."""
         self.notify.ready.clear()
         env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(self.notify.path)}
+        for name in self.unset:
+            env.pop(name, None)
         with open(self.log, "ab") as err:
             t0 = time.perf_counter()
             # cwd: ``python -m`` puts it first on sys.path, ahead of $PYTHONPATH
@@ -157,8 +166,36 @@ class Service:
         self.notify.close()
 
 
+def compile_tree(
+    src: Path | None = None, python: str = sys.executable, package: str = "lockd"
+) -> None:
+    """Byte-compile a lockd tree (default: this one), as installing it would.
+
+    This environment may set ``PYTHONDONTWRITEBYTECODE=1``; a daemon started under it
+    recompiles every lockd module at every start (~50 ms of a restart), which no installed
+    lockd does. So the daemon under test runs without the variable, on bytecode compiled
+    here once."""
+    pkg = (src or REPO) / package
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([python, "-m", "compileall", "-q", str(pkg)], env=env, check=True)
+
+
+def compiled_tree(src: Path | None, into: Path) -> Path:
+    """The optional compiled build of a lockd tree (setup.py, ``LOCKD_MYPYC=1``: the hot
+    path through mypyc), made by ``scripts/build-mypyc.sh`` into ``into``."""
+    script = REPO / "scripts" / "build-mypyc.sh"
+    subprocess.run(
+        [str(script), str(src or REPO), str(into)],
+        env={**os.environ, "PYTHON": sys.executable},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return into
+
+
 class Lockd(Service):
-    """``python -m lockd.daemon`` on private paths (``src``: a lockd tree to run instead)."""
+    """``python -m lockd.daemon`` on private paths (``src``: a lockd tree to run instead),
+    bytecode-compiled as deployed (:func:`compile_tree`)."""
 
     def __init__(
         self,
@@ -177,7 +214,7 @@ class Lockd(Service):
             (base / "lockd.conf").write_text(config)
             argv += ["--config", str(base / "lockd.conf")]
         env = {"PYTHONPATH": str(src)} if src is not None else {}
-        super().__init__(base, argv, env)
+        super().__init__(base, argv, env, unset=("PYTHONDONTWRITEBYTECODE",))
 
     def connect(self) -> Raw:
         return Raw(str(self.socket))
@@ -199,13 +236,15 @@ class Lockd(Service):
 
 
 class FloorServer(Service):
-    """The do-nothing asyncio Varlink server of :mod:`bench.wire`."""
+    """The do-nothing Varlink server of :mod:`bench.wire`, on uvloop by default: the event
+    loop lockd runs on (``event_loop = "uvloop"``), so lockd ÷ floor is lockd's own cost and
+    not the difference between two loops. Bytecode-compiled, like the daemon."""
 
-    def __init__(self, base: Path, python: str = sys.executable, uvloop: bool = False) -> None:
+    def __init__(self, base: Path, python: str = sys.executable, uvloop: bool = True) -> None:
         self.socket = base / "floor.sock"
         self.socket.unlink(missing_ok=True)
         argv = [python, "-m", "bench.wire", str(self.socket)] + (["uvloop"] if uvloop else [])
-        super().__init__(base, argv, {"PYTHONPATH": str(REPO)})
+        super().__init__(base, argv, {"PYTHONPATH": str(REPO)}, unset=("PYTHONDONTWRITEBYTECODE",))
 
     def start(self) -> float:
         self.socket.unlink(missing_ok=True)

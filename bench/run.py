@@ -2,8 +2,9 @@
 
 Per repetition (default 3; ``--quick``: 1, shorter), in this order:
 
-floors    OFD lock+unlock; SQLite WAL commit (NORMAL, FULL); the do-nothing asyncio Varlink
-          server: spawn->READY, RSS, 1 connection and 16/64 client processes doing pairs;
+floors    OFD lock+unlock; SQLite WAL commit (NORMAL, FULL); the do-nothing Varlink server
+          on uvloop (lockd's loop): spawn->READY, RSS, 1 connection and 16/64 client
+          processes doing pairs, its CPU per pair;
           open+OFD-lock of 1,000/5,000/10,000 files (what recovery must redo)
 lockd     a fresh daemon: 1 connection doing acquire+release pairs with the raw client
           (:mod:`bench.wire`, the floor's client) and once with ``lockd.client.Client``;
@@ -45,7 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import floors, report, vl
-from bench.procs import REPO, FloorServer, Lockd, Owners, register
+from bench.procs import (
+    REPO,
+    FloorServer,
+    Lockd,
+    Owners,
+    compile_tree,
+    compiled_tree,
+    register,
+)
 from bench.stats import linear_fit
 from bench.wire import PairDriver, Raw
 from bench.workloads import Driver, concurrent, sequential
@@ -367,7 +376,7 @@ def run_journal(ctx: Ctx) -> dict[str, Any]:
             r = concurrent(make, nc, pairs_each=pairs_each, server_pid=d.pid)
             done_ops += 2 * r["pairs"]
             cp = {"ops": done_ops, "elapsed_s": time.perf_counter() - t0, "per_s": r["per_s"]}
-            cp.update({k: r[k] for k in ("p50_us", "p99_us", "max_us")})
+            cp.update({k: r[k] for k in ("p50_us", "p99_us", "max_us", "server_cpu_us_per_pair")})
             cp.update(d.journal_bytes())
             cp["total_bytes"] = sum(v for k, v in cp.items() if k.startswith("journal.sqlite"))
             cp["events"] = _count_events(d.state_dir / "journal.sqlite")
@@ -403,7 +412,9 @@ def _count_events(path: Path) -> int | None:
         try:
             conn = sqlite3.connect(Path(tmp) / path.name)
             try:
-                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+                # one history row per commit (migration 006), its events a JSON array
+                row = conn.execute("SELECT sum(json_array_length(events)) FROM history")
+                return int(row.fetchone()[0] or 0)
             finally:
                 conn.close()
         except sqlite3.Error:
@@ -469,6 +480,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also record py-spy profiles")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames)")
     p.add_argument("--lockd-src", type=Path, help="run the daemon from this lockd tree")
+    p.add_argument(
+        "--mypyc",
+        action="store_true",
+        help="run the daemon compiled with mypyc (setup.py's optional build; ~1 min to build)",
+    )
     p.add_argument("--lockd-python", default=sys.executable, help="interpreter for the daemon")
     p.add_argument("--lockd-config", help="TOML text for the daemon's --config")
     p.add_argument("--out", type=Path, help="results directory (default $OUT or results/)")
@@ -526,13 +542,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     why_not_vl = vl.unavailable() if "virtlockd" not in a.skip else "skipped"
-    a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lkbench.", dir="/tmp"))
+    if a.mypyc:
+        log("building the daemon with mypyc (scripts/build-mypyc.sh)")
+        a.lockd_src = compiled_tree(a.lockd_src, work / "mypyc")
+    # as deployed: the daemon (and the floor server) run on compiled bytecode
+    compile_tree(a.lockd_src)
+    compile_tree(REPO, package="bench")
     nfiles = max(max(a.steps), max(a.clients) + 1, a.journal_clients + 1)
     files = make_files(work / "files", nfiles)
     ctx = Ctx(a, work, files)
     meta = machine()
     meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    # the fd-store rows run the installed lockd under systemd: the editable tree, pure Python
+    meta["build"] = "compiled with mypyc (except the fd-store rows)" if a.mypyc else "pure Python"
     meta["virtlockd"] = vl.version() if why_not_vl is None else f"not measured: {why_not_vl}"
     log(f"lockd from {meta['lockd']}; virtlockd: {meta['virtlockd']}; work dir {work}")
     reps: list[dict[str, Any]] = []

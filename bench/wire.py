@@ -1,14 +1,15 @@
-"""The benchmark's own Varlink: a minimal blocking client and a do-nothing asyncio server.
+"""The benchmark's own Varlink: a minimal blocking client and a do-nothing server.
 
 Both sides of the round-trip floor live here, and the *same* client class drives lockd's hot
 loop, so the client's own cost is identical in the floor and in the measurement: the ratio
 lockd / floor is then the daemon's cost only. The client sends pre-encoded calls (one
 ``sendall``), reads until the NUL and decodes the reply with orjson, exactly like the floor.
 
-The floor server (``python -m bench.wire SOCKET``) is what an asyncio Varlink server costs when
-it does nothing: protocol-level I/O, split on NUL, ``orjson.loads`` the call, ``orjson.dumps`` a
-reply of the same shape and size as lockd's, write. It announces readiness like lockd does
-(``READY=1`` to ``$NOTIFY_SOCKET``) so its spawn-to-ready time is the interpreter floor of a
+The floor server (``python -m bench.wire SOCKET [uvloop]``; the benchmark runs it on uvloop,
+lockd's event loop) is what an asyncio-protocol Varlink server costs when it does nothing:
+protocol-level I/O, split on NUL, ``orjson.loads`` the call, ``orjson.dumps`` a reply of the
+same shape and size as lockd's, write. It announces readiness like lockd does (``READY=1``
+to ``$NOTIFY_SOCKET``) so its spawn-to-ready time is the interpreter floor of a
 restart.
 """
 
@@ -18,7 +19,7 @@ import asyncio
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -131,8 +132,8 @@ class _Nothing(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # an asyncio.Transport, or uvloop's equivalent (not a subclass of it)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

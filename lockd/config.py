@@ -21,7 +21,6 @@ import dataclasses
 import grp
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +210,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
 
 def read_file(path: Path) -> dict[str, Any]:
     """The config file's keys, converted; ConfigError on a bad file or key."""
+    import tomllib  # here: most daemons start without a config file (~2 ms of a start)
+
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)

@@ -135,3 +135,10 @@ def from_wire(name: str, parameters: dict[str, Any] | None) -> LockdError:
         err.wire_name = name  # type: ignore[misc]
         return err
     return cls(**params)
+
+
+class IllegalTransition(RuntimeError):
+    """A bug, never on the wire: an event that a lease's state does not allow
+    (:meth:`lockd.leases.Lease.apply`). Nothing was changed. Here with the other exception
+    classes, which stay interpreted Python when the hot modules are compiled (mypyc cannot
+    make a builtin exception subclass a native class)."""

@@ -18,11 +18,12 @@ lease is adopted (continuity ``kept``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import NoReturn
+
+import orjson
 
 ENV = "LOCKD_HANDOVER_FD"
 
@@ -36,9 +37,9 @@ class Handover:
 
 def reexec(handover: Handover) -> NoReturn:
     """Replace this process with a fresh lockd that inherits ``handover``'s fds."""
-    data = json.dumps(
+    data = orjson.dumps(
         {"sockets": handover.sockets, "leases": handover.leases, "fd_store": handover.fd_store}
-    ).encode()
+    )
     mfd = os.memfd_create("lockd-handover", 0)  # no MFD_CLOEXEC: it must cross the exec
     os.write(mfd, data)
     os.lseek(mfd, 0, os.SEEK_SET)
@@ -61,7 +62,7 @@ def take() -> Handover | None:
     while chunk := os.read(mfd, 1 << 20):
         chunks.append(chunk)
     os.close(mfd)
-    raw = json.loads(b"".join(chunks))
+    raw = orjson.loads(b"".join(chunks))
     h = Handover(
         sockets={str(k): int(v) for k, v in raw["sockets"].items()},
         leases={str(k): int(v) for k, v in raw["leases"].items()},

@@ -1,9 +1,16 @@
 """The journal: one SQLite file, the only module that speaks SQL.
 
 Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases
-keyed by token, a meta key/value table) that recovery reads whole, and an append-only
-``events`` table for history (which also answers a resource's last token), pruned to a
-retention limit so that neither the file nor recovery grows with the operations ever done.
+keyed by token, a meta key/value table) that recovery reads whole; ``grants``, each owner's
+newest grant per resource (which answers a resource's last token and a repeated Release);
+and an append-only ``history``, pruned to a retention limit so that neither the file nor
+recovery grows with the operations ever done.
+
+- History is written one row per transaction: the events of a batch (:func:`lease_event`,
+  :func:`owner_event`) are packed into one JSON array, and the row's ``seq`` is the number
+  of its first event. Every event still has a number of its own (``seq`` + its index), the
+  retention is counted in events, and a reader sees one event per wire record; but a batch
+  of N requests costs SQLite one row, not N rows and N/2 index entries (migration 006).
 
 - WAL mode, ``synchronous=NORMAL`` by default: a commit is in the OS page cache when
   ``COMMIT`` returns, which survives any crash of this process (SIGKILL, abort). It may not
@@ -12,7 +19,8 @@ retention limit so that neither the file nor recovery grows with the operations 
 - The daemon groups the writes of requests that arrive together into one transaction
   (:meth:`Journal.commit`, driven by the service's group commit) and replies only after
   ``COMMIT`` returned. Writes are data (:data:`Write`, built by the functions below), so a
-  batch runs as one ``executemany`` per statement rather than one call per request.
+  batch runs as one ``executemany`` per statement rather than one call per request, and its
+  events (the pseudo-statement :data:`EVENT`) as one history row.
 - Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
   :class:`~sqlite_utils.migrations.Migrations`, in a child process and only when one is
   pending (its import alone costs more time than recovering thousands of leases, and more
@@ -38,9 +46,10 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from lockd.errors import JournalError
 
@@ -49,8 +58,6 @@ if TYPE_CHECKING:
 
 MIGRATION_SET = "lockd"
 PAGE_SIZE = 1024  # for new journals: see Journal.__init__
-# how far back Release's idempotency looks when the lease's grant is no longer in history
-RECENT_EVENTS = 10_000
 
 # One journal write: a statement and its parameters. The daemon's hot path builds these with
 # the functions below and hands a batch of them to Journal.commit, which runs each run of the
@@ -62,12 +69,20 @@ _INSERT_LEASE = (
     " acquired_at, fdname) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE_LEASE = "DELETE FROM leases WHERE token = ?"
-_INSERT_EVENT = (
-    "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode, reason)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_PUT_GRANT = (
+    "INSERT OR REPLACE INTO grants (lockspace, rkey, owner, token, mode, resource, at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-# The hot path's statements, which a group commit may regroup (see service.GroupCommit)
-REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _INSERT_EVENT)
+_TOUCH_GRANT = "UPDATE grants SET at = ? WHERE lockspace = ? AND rkey = ? AND owner = ?"
+# Not SQL: a history event, packed with the rest of its batch into one history row
+EVENT = "history event"
+# an event's fields, in the order of its JSON array
+EVENT_FIELDS = ("event", "lockspace", "resource", "owner", "pid", "token", "mode", "reason")
+# orjson's UTF-8 bytes, stored as TEXT (JSON that SQLite's json functions read) without
+# decoding them to a str first
+_INSERT_HISTORY = "INSERT INTO history (seq, at, events) VALUES (?, ?, CAST(? AS TEXT))"
+# The hot path's statements, which a group commit may regroup (see groupcommit.GroupCommit)
+REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _PUT_GRANT, _TOUCH_GRANT, EVENT)
 _PUT_OWNER = (
     "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
     " registered_at, domain_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -97,20 +112,39 @@ def delete_lease(token: int) -> Write:
     return (_DELETE_LEASE, (token,))
 
 
+def put_grant(lease: Lease) -> Write:
+    """The owner's newest grant on the resource (for hand-offs and repeated Releases)."""
+    return (
+        _PUT_GRANT,
+        (
+            lease.lockspace,
+            lease.rkey,
+            lease.owner.uuid,
+            lease.token,
+            lease.mode,
+            lease.resource,
+            lease.acquired_at,
+        ),
+    )
+
+
+def touch_grant(lease: Lease) -> Write:
+    """The lease ended now: its grant row stays as long as that end is in history."""
+    return (_TOUCH_GRANT, (time.time(), lease.lockspace, lease.rkey, lease.owner.uuid))
+
+
 def set_lease_state(token: int, state: str) -> Write:
     return ("UPDATE leases SET state = ? WHERE token = ?", (state, token))
 
 
-def lease_event(event: str, lease: Lease, reason: str | None = None, at: float = 0.0) -> Write:
-    """A history event about a lease (its columns from the lease itself)."""
+def lease_event(event: str, lease: Lease, reason: str | None = None) -> Write:
+    """A history event about a lease (its fields from the lease itself)."""
     return (
-        _INSERT_EVENT,
+        EVENT,
         (
-            at or time.time(),
             event,
             lease.lockspace,
             lease.resource,
-            lease.rkey,
             lease.owner.uuid,
             lease.owner.pid,
             lease.token,
@@ -122,10 +156,7 @@ def lease_event(event: str, lease: Lease, reason: str | None = None, at: float =
 
 def owner_event(event: str, owner: str, pid: int, reason: str | None) -> Write:
     """A history event about an owner (register, owner-dead)."""
-    return (
-        _INSERT_EVENT,
-        (time.time(), event, None, None, None, owner, pid, None, None, reason),
-    )
+    return (EVENT, (event, None, None, owner, pid, None, None, reason))
 
 
 def put_owner(row: dict[str, Any]) -> Write:
@@ -172,10 +203,14 @@ class JournalUnreadable(ValueError):
     """The file is not a lockd journal we can use (corrupt, foreign, or from a newer lockd)."""
 
 
+# lockd is installed as files (setuptools, never zipped): the schema is beside this module.
+# (importlib.resources would say the same and cost ~3 ms of every start to import.)
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+
+
 def _migration_files() -> list[tuple[str, str]]:
-    schema = resources.files("lockd") / "schema"
-    names = sorted(p.name for p in schema.iterdir() if p.name.endswith(".sql"))
-    return [(n.removesuffix(".sql"), (schema / n).read_text()) for n in names]
+    names = sorted(p.name for p in SCHEMA_DIR.iterdir() if p.name.endswith(".sql"))
+    return [(n.removesuffix(".sql"), (SCHEMA_DIR / n).read_text()) for n in names]
 
 
 def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
@@ -205,7 +240,7 @@ def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
 
 
 def _migrate_in_child(path: Path, pending: set[str]) -> None:
-    """Apply migrations in a short-lived child process (``python -m lockd.journal``).
+    """Apply migrations in a short-lived child process (:func:`_migrate_main`).
 
     sqlite-utils, and what it imports (click, dateutil, ctypes, ...), would otherwise stay
     in the daemon's memory for good after its first start: ~3 MB of RSS for a step taken
@@ -213,7 +248,8 @@ def _migrate_in_child(path: Path, pending: set[str]) -> None:
     in WAL mode; the daemon opens the file only once the child is gone (it then holds the
     file's lock for its whole life)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lockd.journal", str(path), *sorted(pending)],
+        # -c, not -m lockd.journal: runpy cannot run a module compiled with mypyc
+        [sys.executable, "-c", _MIGRATE_CHILD, str(path), *sorted(pending)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -223,8 +259,13 @@ def _migrate_in_child(path: Path, pending: set[str]) -> None:
         raise JournalUnreadable(f"cannot migrate the lockd journal {path}: {lines[-1]}")
 
 
-def _migrate_main(argv: list[str]) -> int:
+_MIGRATE_CHILD = "import sys; from lockd.journal import _migrate_main; sys.exit(_migrate_main())"
+
+
+def _migrate_main(argv: list[str] | None = None) -> int:
     """The child of :func:`_migrate_in_child`: PATH MIGRATION..."""
+    if argv is None:
+        argv = sys.argv[1:]
     conn = sqlite3.connect(argv[0], isolation_level=None)
     try:
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
@@ -263,11 +304,15 @@ LEASE_COLUMNS = (
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything recovery needs, read in one transaction."""
+    """Everything recovery needs. Nothing else writes the journal meanwhile (the daemon
+    holds it exclusively and serves nobody yet), so no transaction is needed to read it."""
 
     meta: dict[str, str]
     owners: list[dict[str, Any]]
-    leases: list[tuple[Any, ...]]  # LEASE_COLUMNS
+    # rows in LEASE_COLUMNS order, read one by one (a cursor, not a list: recovery turns
+    # each into a lease at once, and 10,000 rows held at once would stay in the daemon's
+    # peak RSS for good)
+    leases: Iterator[tuple[Any, ...]]
 
 
 _LEASE_WIRE_SQL = """
@@ -292,18 +337,21 @@ def _lease_wire(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-_EVENT_COLUMNS = (
-    "seq",
-    "at",
-    "event",
-    "lockspace",
-    "resource",
-    "owner",
-    "pid",
-    "token",
-    "mode",
-    "reason",
-)
+def _event_wire(seq: int, at: float, fields: list[Any]) -> dict[str, Any]:
+    """One history event as the wire shows it: its number, its batch's time, its fields."""
+    event, lockspace, resource, owner, pid, token, mode, reason = fields
+    return {
+        "seq": seq,
+        "at": at,
+        "event": event,
+        "lockspace": lockspace,
+        "resource": resource,
+        "owner": owner,
+        "pid": pid,
+        "token": token,
+        "mode": mode,
+        "reason": reason,
+    }
 
 
 class Journal:
@@ -331,6 +379,7 @@ class Journal:
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
             self.conn = conn
+            self.next_seq = 1  # the number of the next history event (set once migrated)
             if not readonly:
                 # A commit writes every page it touched, whole, to the WAL: a grant touches a
                 # handful of rows in as many tables, so small pages mean fewer bytes per
@@ -358,6 +407,7 @@ class Journal:
                 # while the daemon's RSS with 10,000 leases fell by ~1.5 MB
                 conn.execute("PRAGMA cache_size=-512")
                 self._migrate()
+                self.next_seq = self._read_next_seq()
             else:
                 self._check_known()
                 # corruption a schema read does not touch (a page of a table) shows here
@@ -402,8 +452,9 @@ class Journal:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One atomic batch; a failed commit (ENOSPC, EIO, ...) becomes JournalError."""
-        # Plain BEGIN/COMMIT on the connection (isolation_level None): the group commit's
-        # hot path, without sqlite-utils' atomic() generator and savepoint bookkeeping.
+        # Plain BEGIN/COMMIT on the connection (isolation_level None), without sqlite-utils'
+        # atomic() generator and savepoint bookkeeping.
+        seq = self.next_seq
         try:
             self.conn.execute("BEGIN")
             try:
@@ -414,18 +465,40 @@ class Journal:
                     self.conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            self.next_seq = seq  # the events of a rolled-back batch were never numbered
             raise JournalError(f"journal write failed: {exc}", reason=str(exc)) from None
 
     def write(self, writes: Iterable[Write]) -> None:
         """Run writes inside the current transaction, in order; a run of one statement is one
-        executemany (a batch of grants costs one call into SQLite, not one per grant)."""
+        executemany (a batch of grants costs one call into SQLite, not one per grant), and
+        the events among them become one history row."""
+        events: list[tuple[Any, ...]] = []
         for sql, run in itertools.groupby(writes, key=operator.itemgetter(0)):
-            self.conn.executemany(sql, [params for _, params in run])
+            if sql == EVENT:
+                events += [fields for _, fields in run]
+            else:
+                self.conn.executemany(sql, [params for _, params in run])
+        if events:
+            seq = self.next_seq
+            self.conn.execute(_INSERT_HISTORY, (seq, time.time(), orjson.dumps(events)))
+            self.next_seq = seq + len(events)
 
     def commit(self, writes: Iterable[Write]) -> None:
-        """The writes as one transaction; JournalError if it failed (nothing was written)."""
-        with self.transaction():
-            self.write(writes)
+        """The writes as one transaction; JournalError if it failed (nothing was written).
+        The group commit's path: :meth:`transaction` without its generator."""
+        conn, seq = self.conn, self.next_seq
+        try:
+            conn.execute("BEGIN")
+            try:
+                self.write(writes)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self.next_seq = seq
+            raise JournalError(f"journal write failed: {exc}", reason=str(exc)) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -440,15 +513,14 @@ class Journal:
 
     # -- state ----------------------------------------------------------------------------
     def load(self) -> Snapshot:
-        with self.transaction():
-            meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
-            owners = self._dicts("SELECT * FROM owners")
-            # tuples in LEASE_COLUMNS order, not dicts: a fifth of the memory per row, and
-            # recovery reads tens of thousands at once (the process keeps its peak RSS)
-            leases = self.conn.execute(
-                f"SELECT {', '.join(LEASE_COLUMNS)} FROM leases ORDER BY token"
-            ).fetchall()
+        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        owners = self._dicts("SELECT * FROM owners")
+        # tuples, not dicts or sqlite3.Row: a fifth of the memory, no lookup by name
+        leases = self.conn.execute(f"SELECT {', '.join(LEASE_COLUMNS)} FROM leases ORDER BY token")
         return Snapshot(meta, owners, leases)
+
+    def has_leases(self) -> bool:
+        return bool(self.conn.execute("SELECT EXISTS (SELECT 1 FROM leases)").fetchone()[0])
 
     def _dicts(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         cur = self.conn.execute(sql, params)
@@ -463,85 +535,101 @@ class Journal:
     def resource_token(self, lockspace: str, rkey: str) -> int:
         """The last token granted on a resource, as far as history remembers."""
         row = self.conn.execute(
-            "SELECT max(token) FROM events WHERE event = 'acquire' AND lockspace = ? AND rkey = ?",
-            (lockspace, rkey),
+            "SELECT max(token) FROM grants WHERE lockspace = ? AND rkey = ?", (lockspace, rkey)
         ).fetchone()
         return 0 if row is None or row[0] is None else int(row[0])
 
     def close_all(self, event: str, reason: str) -> int:
         """Close out every lease and owner (a journal from another boot). Returns leases."""
-        now = time.time()
-        n = self.conn.execute("SELECT count(*) FROM leases").fetchone()[0]
-        self.conn.execute(
-            "INSERT INTO events (at, event, lockspace, resource, rkey, owner, pid, token, mode,"
-            " reason) SELECT ?, ?, l.lockspace, l.resource, l.rkey, l.owner, o.pid, l.token,"
-            " l.mode, ? FROM leases l JOIN owners o ON o.uuid = l.owner ORDER BY l.token",
-            (now, event, reason),
+        rows = self.conn.execute(
+            "SELECT l.lockspace, l.resource, l.owner, o.pid, l.token, l.mode"
+            " FROM leases l JOIN owners o ON o.uuid = l.owner ORDER BY l.token"
+        ).fetchall()
+        self.write(
+            [
+                (EVENT, (event, ls, res, owner, pid, token, mode, reason))
+                for ls, res, owner, pid, token, mode in rows
+            ]
         )
         self.conn.execute("DELETE FROM leases")
         self.conn.execute("DELETE FROM owners")
-        return int(n)
+        return len(rows)
 
     # -- history --------------------------------------------------------------------------
     def last_release(self, owner: str, lockspace: str, rkey: str) -> dict[str, Any] | None:
-        """How the owner's newest lease on the resource ended, if it has: for idempotent
-        Release (repeating a release whose reply was lost answers the same)."""
-        grant = self.conn.execute(
-            # events_by_resource holds grants only, walked from the newest token
-            "SELECT token, seq FROM events WHERE event = 'acquire' AND lockspace = ?"
-            " AND rkey = ? AND owner = ? ORDER BY token DESC LIMIT 1",
+        """The owner's newest lease on the resource, if history still knows it: for
+        idempotent Release (repeating a release whose reply was lost answers the same). The
+        caller asks only about a lease it no longer holds, so that lease has ended."""
+        row = self.conn.execute(
+            "SELECT token, mode, resource FROM grants"
+            " WHERE lockspace = ? AND rkey = ? AND owner = ?",
             (lockspace, rkey, owner),
         ).fetchone()
-        if grant is not None:
-            # its later events, newest first: a rowid range from the end back to the grant
-            rows = self._dicts(
-                "SELECT event, token, mode, resource FROM events WHERE seq > ? AND token = ?"
-                " ORDER BY seq DESC LIMIT 1",
-                (grant[1], grant[0]),
-            )
-        else:
-            # A lease held for longer than the history keeps has lost its grant event; a
-            # release retried because its reply was lost is recent, so look among the
-            # newest events only (a bounded rowid range, not the whole history).
-            rows = self._dicts(
-                "SELECT event, token, mode, resource FROM events"
-                " WHERE seq > (SELECT max(seq) FROM events) - ? AND lockspace = ? AND rkey = ?"
-                " AND owner = ? ORDER BY seq DESC LIMIT 1",
-                (RECENT_EVENTS, lockspace, rkey, owner),
-            )
-        if rows and rows[0]["event"] not in ("acquire", "retaken", "lost"):
-            return rows[0]
-        return None
+        if row is None:
+            return None
+        return {"token": row[0], "mode": row[1], "resource": row[2]}
 
     def history(
         self, limit: int = 50, owner: str | None = None, resource: str | None = None
     ) -> list[dict[str, Any]]:
-        where, params = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            params.append(owner)
-        if resource is not None:
-            where.append("resource = ?")
-            params.append(resource)
-        sql = f"SELECT {', '.join(_EVENT_COLUMNS)} FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        rows = self._dicts(sql, (*params, limit))
-        rows.reverse()
-        return rows
+        """The newest ``limit`` events (of ``owner``, on ``resource``), oldest first."""
+        out: list[dict[str, Any]] = []
+        # rows whose JSON text does not even contain the names are skipped by SQLite itself
+        needles = [orjson.dumps(v).decode() for v in (owner, resource) if v is not None]
+        where = " AND ".join(["instr(events, ?)"] * len(needles)) or "1"
+        rows = self.conn.execute(
+            f"SELECT seq, at, events FROM history WHERE {where} ORDER BY seq DESC", needles
+        )
+        for seq, at, packed in rows:
+            events = orjson.loads(packed)
+            for i in range(len(events) - 1, -1, -1):
+                fields = events[i]
+                if (owner is None or fields[3] == owner) and (
+                    resource is None or fields[2] == resource
+                ):
+                    out.append(_event_wire(seq + i, at, fields))
+                    if len(out) >= limit:
+                        out.reverse()
+                        return out
+        out.reverse()
+        return out
+
+    def _read_next_seq(self) -> int:
+        row = self.conn.execute(
+            "SELECT seq + json_array_length(events) FROM history ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return 1 if row is None else int(row[0])
 
     def prune(self, retention: int, batch: int = 5000) -> int:
-        """Delete at most ``batch`` of the events beyond the newest ``retention``. Small
-        batches: this runs on the event loop, and a large DELETE would stall every client (and
-        grow the WAL) for as long as it takes."""
+        """Delete at most about ``batch`` of the events beyond the newest ``retention``, and
+        the grants that only they remembered; returns how many events went. Small batches:
+        this runs on the event loop, and a large DELETE would stall every client (and grow
+        the WAL) for as long as it takes."""
+        keep = self.next_seq - retention  # the oldest event number to keep
         with self.transaction():
-            cur = self.conn.execute(
-                "DELETE FROM events WHERE seq <= min((SELECT max(seq) FROM events) - ?,"
-                " (SELECT min(seq) FROM events) + ? - 1)",
-                (retention, batch),
+            first = self.conn.execute("SELECT min(seq) FROM history").fetchone()[0]
+            if first is None or first >= keep:
+                return 0
+            upto = min(keep, first + batch)
+            # the row holding event `upto` (it may begin before it): the rows before it go
+            # whole, and it loses its events before `upto`
+            seq, at, packed = self.conn.execute(
+                "SELECT seq, at, events FROM history WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
+                (upto,),
+            ).fetchone()
+            self.conn.execute("DELETE FROM history WHERE seq < ?", (seq,))
+            if seq < upto:
+                events = orjson.loads(packed)[upto - seq :]
+                self.conn.execute("DELETE FROM history WHERE seq = ?", (seq,))
+                if events:
+                    self.conn.execute(_INSERT_HISTORY, (upto, at, orjson.dumps(events)))
+            # a grant (or the end of its lease) older than all history left is forgotten,
+            # unless the lease is still held: its release must answer with its token
+            self.conn.execute(
+                "DELETE FROM grants WHERE at < (SELECT at FROM history ORDER BY seq LIMIT 1)"
+                " AND token NOT IN (SELECT token FROM leases)"
             )
-        return cur.rowcount
+        return int(upto - first)
 
     # -- read-only views (lockctl dump) ---------------------------------------------------
     def wire_leases(self) -> list[dict[str, Any]]:

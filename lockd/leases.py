@@ -33,6 +33,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
+from lockd.errors import IllegalTransition
+
 
 # str-valued enums: their hash is str's (C), and the transition table is looked up on
 # every grant and release
@@ -82,10 +84,6 @@ WIRE_STATE = {
     S.RELEASING_LOST: "lost",
     S.RELEASED: "released",
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A bug: an event that the lease's state does not allow. Nothing was changed."""
 
 
 @dataclass(eq=False, slots=True)
@@ -198,12 +196,17 @@ class Lease:
 
 
 class LeaseTable:
-    """Owners by uuid and pid, leases by owner and by resource."""
+    """Owners by uuid and pid, leases by owner and by resource.
+
+    A resource's holders are a tuple, not a dict: almost every resource has one holder
+    (a disk image held exclusively), and a 1-tuple is a fifth of a 1-entry dict's size,
+    10,000 leases ~1.5 MB less; the few shared resources with many holders pay a copy per
+    change."""
 
     def __init__(self) -> None:
         self.owners: dict[str, Owner] = {}
         self.by_pid: dict[int, Owner] = {}
-        self.by_resource: dict[tuple[str, str], dict[str, Lease]] = {}
+        self.by_resource: dict[tuple[str, str], tuple[Lease, ...]] = {}
         self.count = 0
 
     def add_owner(self, owner: Owner) -> None:
@@ -216,27 +219,32 @@ class LeaseTable:
             del self.by_pid[owner.pid]
 
     def add(self, lease: Lease) -> None:
-        lease.owner.leases[lease.key] = lease
-        self.by_resource.setdefault(lease.key, {})[lease.owner.uuid] = lease
+        key = lease.key
+        lease.owner.leases[key] = lease
+        holders = self.by_resource.get(key)
+        self.by_resource[key] = (lease,) if holders is None else (*holders, lease)
         self.count += 1
 
     def remove(self, lease: Lease) -> None:
-        if lease.owner.leases.get(lease.key) is lease:
-            del lease.owner.leases[lease.key]
+        key = lease.key
+        if lease.owner.leases.get(key) is lease:
+            del lease.owner.leases[key]
             self.count -= 1
-        holders = self.by_resource.get(lease.key)
-        if holders is not None and holders.get(lease.owner.uuid) is lease:
-            del holders[lease.owner.uuid]
-            if not holders:
-                del self.by_resource[lease.key]
+        holders = self.by_resource.get(key)
+        if holders is not None and lease in holders:
+            rest = tuple(h for h in holders if h is not lease)
+            if rest:
+                self.by_resource[key] = rest
+            else:
+                del self.by_resource[key]
 
     def holders(self, lockspace: str, rkey: str) -> list[Lease]:
-        return list(self.by_resource.get((lockspace, rkey), {}).values())
+        return list(self.by_resource.get((lockspace, rkey), ()))
 
     def leases(self) -> list[Lease]:
         # by resource, not by owner: a dead owner is forgotten at once, but its leases stay
         # (and are listed) until their release is journaled and their locks dropped
-        return [lease for holders in self.by_resource.values() for lease in holders.values()]
+        return [lease for holders in self.by_resource.values() for lease in holders]
 
     def lost(self) -> int:
         return sum(1 for lease in self.leases() if lease.state == State.LOST)

@@ -27,7 +27,7 @@ across a symlink silently changes which file is meant.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +48,9 @@ def _invalid(resource: str, reason: str) -> InvalidResource:
 _NOT_NORMAL = frozenset(("", ".", ".."))
 
 
+# Valid paths are remembered (an invalid one raises, and lru_cache keeps only returns): a
+# client names the same few images again and again, and the check walks every component.
+@functools.lru_cache(maxsize=1024)
 def check_path(path: str) -> None:
     if not path:
         raise _invalid(path, "empty resource")
@@ -122,6 +125,8 @@ class Lockspaces:
         if lockspace in self.named:
             return resource, None
         if lockspace != DIRECT:
+            import hashlib  # indirect lockspaces only (not configured on most hosts)
+
             return hashlib.sha256(resource.encode("utf-8", "surrogateescape")).hexdigest(), None
         try:
             st = os.stat(resource)

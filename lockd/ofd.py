@@ -192,12 +192,36 @@ def lock_lease_file(path: str, exclusive: bool, resource: str) -> Locked:
     )
 
 
+# /proc/self/fd as a directory fd, opened on first use: readlinkat(dirfd, "N") spares the
+# kernel the walk of /proc/self/fd/ on every grant (2.2 instead of 3.3 µs here). A forked
+# child must not use its parent's (the numbers would name the parent's fds).
+_proc_fd: int | None = None
+
+
+def _forget_proc_fd() -> None:
+    global _proc_fd
+    _proc_fd = None
+
+
+os.register_at_fork(after_in_child=_forget_proc_fd)
+
+
 def real_path(fd: int) -> str | None:
     """The path the kernel has for an open file (symlinks resolved), if it still has one."""
+    global _proc_fd
     try:
-        path = os.readlink(f"/proc/self/fd/{fd}")
+        if _proc_fd is None:
+            try:
+                _proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:  # out of fds (EMFILE) this once: the long way
+                return _deleted_or(os.readlink(f"/proc/self/fd/{fd}"))
+        path = os.readlink(str(fd), dir_fd=_proc_fd)
     except OSError:
         return None
+    return _deleted_or(path)
+
+
+def _deleted_or(path: str) -> str | None:
     return None if path.endswith(" (deleted)") else path
 
 

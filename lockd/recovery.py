@@ -42,6 +42,7 @@ from lockd.leases import Event, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces, direct_key
 
 log = logging.getLogger("lockd")
+EXCLUSIVE, SHARED = "exclusive", "shared"
 
 
 @dataclass
@@ -111,7 +112,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     writes: list[Write] = []
     events: list[Write] = []
     journal_boot = snap.meta.get("boot_id")
-    if journal_boot is not None and journal_boot != boot and snap.leases:
+    if journal_boot is not None and journal_boot != boot and journal.has_leases():
         with journal.transaction():
             report.host_rebooted = journal.close_all(
                 "host-rebooted", f"journal written during boot {journal_boot}"
@@ -142,7 +143,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             resource=resource,
             # one string for both when they are equal, as in the daemon that journaled it
             path=resource if path == resource else path,
-            mode=mode,
+            # the constants, not 10,000 copies of them read from the rows
+            mode=EXCLUSIVE if mode == EXCLUSIVE else SHARED,
             token=token,
             acquired_at=at,
             fdname=fdname,

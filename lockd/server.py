@@ -30,8 +30,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, NamedTuple, cast
 
 from lockd import __version__, metrics
 from lockd.config import Config
@@ -44,7 +44,7 @@ from lockd.errors import (
     PermissionDenied,
     ProtocolError,
 )
-from lockd.leases import WIRE_STATE, Owner, State
+from lockd.leases import WIRE_STATE, Lease, Owner, State
 from lockd.process import Peer
 from lockd.recovery import Report
 from lockd.service import MODES, LockService
@@ -52,7 +52,6 @@ from lockd.varlink import Call, Decoder, Params, encode_error, encode_reply
 
 log = logging.getLogger("lockd")
 
-Handler = Callable[["Connection", Params], Awaitable[dict[str, Any]]]
 MAX_QUEUED_CALLS = 64
 
 
@@ -65,18 +64,49 @@ def interface_description(name: str) -> str:
     return path.read_text()
 
 
+class Pending(NamedTuple):
+    """An answer that waits (for the journal, or a task): the reply is ``shape`` of the
+    future's result."""
+
+    future: asyncio.Future[Any]
+    shape: Callable[[Any], dict[str, Any]]
+
+
+# What a handler returns: the reply now, a reply to come, or a coroutine (run as a task)
+Answer = dict[str, Any] | Pending | Coroutine[Any, Any, dict[str, Any]]
+Handler = Callable[["Connection", Params], Answer]
+
+
+def _as_is(reply: dict[str, Any]) -> dict[str, Any]:
+    return reply
+
+
+def _lease_reply(lease: Lease) -> dict[str, Any]:
+    return {"lease": lease.wire()}
+
+
+def _released_reply(released: dict[str, Any]) -> dict[str, Any]:
+    return {"lease": released}
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, server: Server, admin: bool) -> None:
         self.server = server
         self.admin = admin
+        self.handlers = server.handlers(admin)
         self.decoder = Decoder(server.config.max_message)
         self.queue: collections.deque[dict[str, Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
-        self.worker: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = server.loop.create_future()
         self.peer = Peer(-1, -1, frozenset())
+        # the call being answered (calls are answered one at a time, in order) and the
+        # shape of its reply
+        self._call: Call | None = None
+        self._shape: Callable[[Any], dict[str, Any]] = _as_is
         # set while the peer does not read its replies (transport above its high-water mark)
-        self._writable: asyncio.Future[None] | None = None
+        self._peer_behind = False
+        self._paused = False  # whether we paused reading
+        self._yielded = False  # a turn given to the other connections (see _answer_queued)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,8 +136,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._decode(data)
-        if self.worker is None and self.queue:
-            self.worker = self.server.loop.create_task(self._work())
+        self._answer_queued()
         self._flow()
 
     def _decode(self, data: bytes) -> None:
@@ -122,39 +151,36 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.queue.clear()
-        self._wake_writer()
         if not self.closed.done():
             self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        if self._writable is None:
-            self._writable = self.server.loop.create_future()
+        self._peer_behind = True
         self._flow()
 
     def resume_writing(self) -> None:
-        self._wake_writer()
+        self._peer_behind = False
+        self._answer_queued()
         self._flow()
-
-    def _wake_writer(self) -> None:
-        fut, self._writable = self._writable, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
 
     # -- internals ------------------------------------------------------------------------
     def _flow(self) -> None:
         """Stop reading from a peer that is ahead of us, resume when it is not."""
+        ahead = (
+            self._peer_behind
+            or len(self.queue) >= MAX_QUEUED_CALLS
+            or self.decoder.pending > self.decoder.max_message  # calls not yet queued
+        )
+        if ahead is self._paused:  # the common case: reading, and nothing to pause for
+            return
         t = self.transport
         if t is None or t.is_closing():
             return
-        if (
-            self._writable is not None
-            or len(self.queue) >= MAX_QUEUED_CALLS
-            or self.decoder.pending > self.server.config.max_message  # calls not yet queued
-        ):
-            if t.is_reading():
-                t.pause_reading()
-        elif not t.is_reading():
+        if ahead:
+            t.pause_reading()
+        else:
             t.resume_reading()
+        self._paused = ahead
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.warning(
@@ -172,29 +198,40 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def _work(self) -> None:
-        try:
-            while not self.closed.done():  # calls still queued from a closed peer are dropped
-                if not self.queue:
-                    if self.decoder.pending:
-                        self._decode(b"")  # calls left buffered in the decoder
-                    if not self.queue:
-                        break
-                    # a handler that never awaits never yields: let other peers in between
-                    # batches of pipelined calls
-                    await asyncio.sleep(0)
-                if self._writable is not None:
-                    # the peer is not reading: answer nothing more until it does
-                    await self._writable
-                    continue
-                msg = self.queue.popleft()
-                if self.transport is not None and not self.transport.is_reading():
-                    self._flow()  # paused: the queue may have room again
-                await self._handle(msg)
-        finally:
-            self.worker = None
+    def _answer_queued(self) -> None:
+        """Answer the queued calls in order: each one that needs no wait at once; at the
+        first that waits, stop until it is answered (:meth:`_answered` comes back here).
+        Nothing more is answered while the peer does not read, nor to a closed peer; and
+        after MAX_QUEUED_CALLS answered in one go, the other connections get their turn
+        first (a peer pipelining thousands of calls that need no wait would otherwise hold
+        the loop for as long as they take)."""
+        queue = self.queue
+        budget = MAX_QUEUED_CALLS
+        while (
+            self._call is None
+            and not self._yielded
+            and not self._peer_behind
+            and not self.closed.done()
+        ):
+            if not queue:
+                if not self.decoder.pending:
+                    return
+                self._decode(b"")  # calls left buffered in the decoder
+                if not queue:
+                    return
+            if budget == 0:
+                self._yielded = True
+                self.server.loop.call_soon(self._resume)
+                return
+            budget -= 1
+            self._start(queue.popleft())
 
-    async def _handle(self, msg: dict[str, Any]) -> None:
+    def _resume(self) -> None:
+        self._yielded = False
+        self._answer_queued()
+        self._flow()
+
+    def _start(self, msg: dict[str, Any]) -> None:
         try:
             call = Call.from_message(msg)
         except ProtocolError as exc:
@@ -204,31 +241,71 @@ class Connection(asyncio.Protocol):
             self.send(encode_error(exc))
             return
         try:
-            handler = self.server.handlers(self.admin).get(call.method)
+            handler = self.handlers.get(call.method)
             if handler is None:
                 raise MethodNotFound(method=call.method)
-            if call.method.endswith(".Watch") and not call.more:
+            if not call.more and call.method.endswith(".Watch"):
                 raise InvalidParameter('Watch needs "more": true', parameter="more")
-            reply = await handler(self, Params(call.parameters))
-            if not call.oneway:
-                self.send(encode_reply(reply))
-        except LockdError as exc:
+            answer = handler(self, Params(call.parameters))
+        except Exception as exc:
+            self._failed(call, exc)
+            return
+        if isinstance(answer, dict):
+            self._reply(call, answer)
+            return
+        if isinstance(answer, Pending):
+            fut, shape = answer
+        else:  # a coroutine: it awaits more than the journal
+            fut, shape = self.server.loop.create_task(answer), _as_is
+        if fut.done():
+            self._finish(call, shape, fut)
+            return
+        self._call, self._shape = call, shape
+        # reply in the loop iteration of the commit when the answer waits for one
+        if not self.server.service.commit.call_after_commit(fut, self._answered):
+            fut.add_done_callback(self._answered)
+
+    def _answered(self, fut: asyncio.Future[Any]) -> None:
+        call, shape = self._call, self._shape
+        assert call is not None
+        self._call = None
+        self._finish(call, shape, fut)
+        self._answer_queued()
+        self._flow()
+
+    def _finish(
+        self, call: Call, shape: Callable[[Any], dict[str, Any]], fut: asyncio.Future[Any]
+    ) -> None:
+        if fut.cancelled():  # only at shutdown
+            return
+        error = fut.exception()
+        if error is not None:
+            self._failed(call, error)
+            return
+        try:
+            reply = shape(fut.result())
+        except Exception as exc:
+            self._failed(call, exc)
+            return
+        self._reply(call, reply)
+
+    def _reply(self, call: Call, reply: dict[str, Any]) -> None:
+        if not call.oneway:
+            self.send(encode_reply(reply))
+
+    def _failed(self, call: Call, exc: BaseException) -> None:
+        if isinstance(exc, LockdError):
             if not call.oneway:
                 self.send(encode_error(exc))
-        except MemoryError:
+        elif isinstance(exc, MemoryError):
             os.abort()  # DESIGN §8: abort and let recovery bring the state back
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of fds anywhere on the way
-                self.send(
-                    encode_error(
-                        LimitExceeded("out of file descriptors", limit="open-files", value=0)
-                    )
-                )
-                return
-            log.exception("internal error in %s", call.method)
-            self.send(encode_error(LockdError("internal error", method=call.method)))
-        except Exception:
-            log.exception("internal error in %s", call.method)
+        elif isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            # out of fds anywhere on the way
+            self.send(
+                encode_error(LimitExceeded("out of file descriptors", limit="open-files", value=0))
+            )
+        else:
+            log.error("internal error in %s", call.method, exc_info=exc)
             self.send(encode_error(LockdError("internal error", method=call.method)))
 
 
@@ -330,7 +407,9 @@ class Server:
         )
         return {"owner": owner.wire()}
 
-    async def acquire(self, conn: Connection, p: Params) -> dict[str, Any]:
+    # Acquire and Release: no coroutine, no task (the service's *_nowait paths); the reply
+    # leaves when the journal commit that carries the request has returned.
+    def acquire(self, conn: Connection, p: Params) -> Pending:
         # every parameter is checked before anything is looked up: a malformed call is an
         # InvalidParameter whatever else is wrong with it
         lockspace, resource = p.opt_string("lockspace", 64), p.string("resource")
@@ -338,14 +417,15 @@ class Server:
         if mode not in MODES:
             raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
         owner = self._owner(conn, p)
-        lease = await self.service.acquire(owner, lockspace, resource, mode, token, conn.peer)
-        return {"lease": lease.wire()}
+        return Pending(
+            self.service.acquire_nowait(owner, lockspace, resource, mode, token, conn.peer),
+            _lease_reply,
+        )
 
-    async def release(self, conn: Connection, p: Params) -> dict[str, Any]:
+    def release(self, conn: Connection, p: Params) -> Pending:
         lockspace, resource = p.opt_string("lockspace", 64), p.string("resource")
         owner = self._owner(conn, p)
-        released = await self.service.release(owner, lockspace, resource)
-        return {"lease": released}
+        return Pending(self.service.release_nowait(owner, lockspace, resource), _released_reply)
 
     async def release_all(self, conn: Connection, p: Params) -> dict[str, Any]:
         return {"leases": await self.service.release_all(self._owner(conn, p))}

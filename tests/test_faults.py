@@ -326,7 +326,7 @@ def test_corrupt_journal_refused_untouched(stopped_journal: Daemon) -> None:
 
 @pytest.mark.parametrize(
     "table",
-    ["events", "events_by_resource", "leases"],
+    ["history", "grants", "leases"],
 )
 def test_journal_with_a_corrupt_table_is_refused_at_start(
     stopped_journal: Daemon, table: str
@@ -587,7 +587,7 @@ def test_memory_error_aborts_and_recovery_restores(
     print(f"aborted at: {where}")
     assert re.search(
         r'/lockd/(daemon|server)\.py", line \d+ in '
-        r"(_loop_exception|main|_handle|_abort_on_memory_error)$",
+        r"(_loop_exception|main|_handle|_failed|_abort_on_memory_error)$",
         where,
     ), daemon.stderr_tail()
     assert all(probe(f) == "free" for f in files[:4])  # no fd store: the locks died with it

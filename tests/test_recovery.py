@@ -14,7 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e import TREE, Conn, Daemon, Owners, probe, probe_setlk_elsewhere, wait_until
+from e2e import (
+    TREE,
+    Conn,
+    Daemon,
+    Owners,
+    make_files,
+    probe,
+    probe_setlk_elsewhere,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize("sockets", ["same-sockets", "other-sockets"])
@@ -267,8 +276,9 @@ def test_journal_of_schema_002_is_migrated_with_its_leases(
         migrations = {r[0] for r in db.execute("SELECT name FROM _sqlite_migrations")}
     finally:
         db.close()
-    assert "resources" not in tables and "events_by_resource" in tables
-    assert "003_token_keys" in migrations
+    assert "resources" not in tables and "events" not in tables
+    assert {"history", "grants"} <= tables
+    assert {"003_token_keys", "006_packed_history"} <= migrations
 
 
 def test_history_is_pruned_to_its_retention(
@@ -299,7 +309,7 @@ def test_history_is_pruned_to_its_retention(
     d.stop()
     db = sqlite3.connect(f"file:{d.state_dir / 'journal.sqlite'}?mode=ro", uri=True)
     try:
-        (kept,) = db.execute("SELECT count(*) FROM events").fetchone()
+        (kept,) = db.execute("SELECT sum(json_array_length(events)) FROM history").fetchone()
     finally:
         db.close()
     assert kept <= retention + 1, kept
@@ -326,3 +336,38 @@ def test_release_is_idempotent_after_its_grant_left_history(
     assert first["state"] == "released" and first["token"] == token
     assert again == first
     assert probe(files[0]) == "free"
+
+
+def test_grants_are_forgotten_with_their_history(
+    make_daemon: Callable[..., Daemon], owners: Owners, tmp_path: Path
+) -> None:
+    """What answers a hand-off and a repeated Release (each owner's newest grant on each
+    resource) is bounded like history: a grant whose events all left history is forgotten,
+    unless its lease is still held. Within history, both answers stay exact."""
+    retention = 20
+    files = make_files(tmp_path / "many", 40)
+    d = make_daemon(config=f"history_retention = {retention}\n")
+    o = d.register(owners.spawn().pid)["uuid"]
+    held = d.acquire(files[0], owner=o)["token"]
+    tokens = {}
+    for f in files[1:]:  # two events per file: only the last few files stay in history
+        tokens[f] = d.acquire(f, owner=o)["token"]
+        d.release(f, owner=o)
+    wait_until(lambda: len(d.history(limit=1000)) <= retention, 10, what="history pruned")
+    last = files[-1]
+    assert d.release(last, owner=o)["token"] == tokens[last]  # still remembered
+    with Conn(d.socket) as c:
+        err = c.call_raw(
+            "io.lockd.Acquire", {"owner": o, "resource": str(last), "token": tokens[last] + 1}
+        )
+        assert err["error"] == "io.lockd.TokenMismatch", err
+    d.stop()
+    db = sqlite3.connect(f"file:{d.state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT token FROM grants").fetchall()
+    finally:
+        db.close()
+    remembered = {t for (t,) in rows}
+    assert held in remembered, "the grant of a held lease was forgotten"
+    assert tokens[files[1]] not in remembered, "a grant outlived its history"
+    assert len(remembered) <= retention // 2 + 2, remembered
