@@ -219,6 +219,33 @@ def unlock_and_close(fd: int) -> None:
         pass
 
 
+# What an fcntl on a held lease's fd answers when the filesystem dropped the lock behind our
+# back. GlusterFS 10.3 (seen here, and in client_get_remote_fd of its client translator):
+# EBADFD once its client lost the brick connection, which made the brick drop every lock of
+# that client; with client.strict-locks=on the fd is never reopened, so the error stays.
+# ENOTCONN while the client is cut off or dead. EIO: Linux's NFSv4 client fails operations on
+# a lock state it marked lost (NFS_LOCK_LOST; kernel commit "NFSv4: always set NFS_LOCK_LOST
+# when a lock is lost"). ESTALE: the file is gone on the server (NFS).
+LOCK_DROPPED_ERRNOS = frozenset({errno.EBADFD, errno.ENOTCONN, errno.EIO, errno.ESTALE})
+
+
+def conflict(fd: int, exclusive: bool) -> str | None:
+    """``F_OFD_GETLK`` on a lease's own fd: the mode of a lock that another open file
+    description holds against ours ("exclusive" or "shared"), or None.
+
+    Our own lock never conflicts with itself (the kernel, and GlusterFS's locks translator,
+    compare lock owners, and an OFD lock's owner is its open file description), so a conflict
+    means our lock is gone and someone else has the byte. GETLK takes nothing, so a probe
+    never changes what it looks at. OSError (EBADFD, ENOTCONN, ...) propagates: the caller
+    judges it with :data:`LOCK_DROPPED_ERRNOS`.
+    """
+    res = fcntl.fcntl(fd, F_OFD_GETLK, _WR if exclusive else _RD)
+    ltype = struct.unpack(_FLOCK, res)[0]
+    if ltype == fcntl.F_UNLCK:
+        return None
+    return "exclusive" if ltype == fcntl.F_WRLCK else "shared"
+
+
 def holder(path: str) -> str | None:
     """Who holds byte 0 of ``path`` as another process sees it: "exclusive", "shared", None.
 

@@ -1,0 +1,397 @@
+"""Lockspaces on shared storage: what filesystem each one is on, whether that mount can drop
+a lock without telling, and the periodic verification of the leases held there.
+
+Theory of operation. Several hosts that share storage are kept apart by the shared
+filesystem's own lock manager, through indirect lockspaces on it (DESIGN §2). Such a lock
+manager can drop a lock that lockd holds: the storage connection breaks, the server releases
+the client's locks, and another host takes the resource. Three things here:
+
+1. **Classification** (:func:`classify`), at start-up and on every verification: the mount
+   that holds the lockspace's directory, from ``/proc/self/mountinfo`` (matched by device
+   number, then by the longest mount point). A lockspace is *shared* if its filesystem type
+   is a network, cluster or FUSE filesystem (:data:`SHARED_FSTYPES`, any ``fuse.*``), or if
+   the configuration says so (``shared_lockspaces``). Local lockspaces are never looked at
+   again and cost nothing.
+
+2. **Mounts that drop locks silently are refused.** A GlusterFS client (``fuse.glusterfs``)
+   with ``client.strict-locks off`` -- the default -- reopens its fds after a reconnect
+   *without* their locks and tells nobody: the brick released them at the disconnect, another
+   host may hold the resource, and both believe they do (measured here with GlusterFS 10.3;
+   the option's own description in xlators/protocol/client/src/client.c says why it exists).
+   That is the one failure lockd exists to prevent, and the fix is one volume option, so the
+   decision is to **refuse**: a new lease in such a lockspace is ``InvalidResource`` naming
+   the mount and the fix, and lockd logs an error at start-up and at each refused use
+   (at most once a minute per lockspace). Leases already journaled there are still re-taken
+   at recovery (refusing them would fence running VMs) and verified. The escape hatch
+   ``allow_unsafe_storage = ["name"]`` turns the refusal into warnings (at start-up and at
+   use). The option is read from the client itself: its active translator graph under the
+   mount's ``.meta/graphs/active/`` (the meta translator, present on every FUSE mount), the
+   ``options/strict-locks`` file of each ``protocol/client`` translator; glusterd 10.3 writes
+   the option into every client volfile, and a missing file means the default, off. A
+   ``gluster volume set`` applied to a running client reconfigures it without updating that
+   view (seen here: the client behaved as ``on`` while ``.meta`` still said ``off``), so the
+   verdict is the option the mount was made with: remount after changing it.
+
+3. **Verification** (:class:`Verifier`), every ``verify_interval`` seconds, of every held
+   lease in a shared lockspace, on the event loop in slices of :data:`SLICE` leases (one
+   probe through FUSE costs ~55 us here, so a slice stalls the loop for a few ms at most):
+
+   - ``F_OFD_GETLK`` on the lease's own fd (:func:`lockd.ofd.conflict`): another holder's
+     conflicting lock, or an errno of :data:`lockd.ofd.LOCK_DROPPED_ERRNOS` (EBADFD after a
+     GlusterFS reconnect, ENOTCONN, EIO, ESTALE), means the lock is gone;
+   - on storage not known to report a drop (everything but GlusterFS with strict-locks on):
+     also ``F_OFD_GETLK`` from a fresh fd of the lease file (:func:`lockd.ofd.holder`), which
+     sees our own lock too: nobody holding the byte means it was dropped silently.
+
+   A loss takes the one lost path (:meth:`LockService.lease_lost`): HELD -> LOST, journaled
+   with an event, the fd closed, Watch told, the owner fenced by its policy. GETLK never
+   takes a lock, so a probe never changes what it looks at. The probes are synchronous
+   system calls: while the storage does not answer (a partition, before the client's own
+   timeout: GlusterFS's network.ping-timeout, 42 s by default), they block the event loop,
+   as every lock operation on that storage would.
+
+Invariants: a local lockspace is never probed; a lease is probed only while it is HELD with
+no commit in flight (the check and the probe happen with no await between them, so its fd
+cannot be closed under the probe); a lease is declared lost once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lockd import ofd
+from lockd.config import Config
+from lockd.errors import InvalidResource
+from lockd.leases import Lease, State
+from lockd.service import LockService
+
+log = logging.getLogger("lockd")
+
+# Filesystem types (the mountinfo name) whose locks are granted by a server or a cluster lock
+# manager, not by this kernel alone: they are shared storage. Any "fuse.*" is shared too (a
+# FUSE daemon decides what a lock means).
+SHARED_FSTYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "glusterfs",
+        "gfs2",
+        "ocfs2",
+        "ceph",
+        "cifs",
+        "smb3",
+        "lustre",
+        "beegfs",
+        "gpfs",
+        "9p",
+        "afs",
+    }
+)
+GLUSTER_FSTYPE = "fuse.glusterfs"
+SLICE = 32  # leases probed between two yields to the event loop
+WARN_EVERY = 60.0  # seconds between two warnings about one lockspace at use
+_ON = frozenset({"on", "yes", "true", "enable", "1"})
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """What a lockspace's directory is on, and what lockd makes of it."""
+
+    lockspace: str
+    directory: str
+    mount: Mount | None
+    shared: bool
+    # True: the mount can drop a lock without telling (GlusterFS, strict-locks off)
+    drops_silently: bool = False
+    # True: a dropped lock shows as an error on the lease's fd (GlusterFS, strict-locks on)
+    reports_drops: bool = False
+    detail: str = ""
+
+    def describe(self) -> str:
+        if self.mount is None:
+            return f"{self.directory} (mount unknown)"
+        m = self.mount
+        return f"{self.directory} on {m.fstype} {m.source} at {m.mountpoint}" + (
+            f" ({self.detail})" if self.detail else ""
+        )
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo (octal)
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[tuple[int, Mount]]:
+    """(device number, Mount) for each line of /proc/PID/mountinfo (proc(5))."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        major, _, minor = fields[2].partition(":")
+        try:
+            dev = os.makedev(int(major), int(minor))
+        except ValueError:
+            continue
+        out.append((dev, Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]))))
+    return out
+
+
+def mount_of(directory: str, mountinfo: str | None = None) -> Mount | None:
+    """The mount that holds ``directory`` (or its nearest existing ancestor)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    mounts = parse_mountinfo(mountinfo)
+    path = os.path.realpath(directory)
+    probe = path
+    dev = None
+    while dev is None:
+        try:
+            dev = os.stat(probe).st_dev
+        except OSError:
+            if probe == "/":
+                break
+            probe = os.path.dirname(probe)
+
+    def under(m: Mount) -> bool:
+        return path == m.mountpoint or path.startswith(m.mountpoint.rstrip("/") + "/")
+
+    candidates = [m for d, m in mounts if d == dev and under(m)] or [
+        m for _, m in mounts if under(m)
+    ]
+    # the innermost mount; of equal ones, the last mounted (it hides the others)
+    return max(candidates, key=lambda m: len(m.mountpoint), default=None)
+
+
+def gluster_strict_locks(mountpoint: str) -> tuple[bool | None, str]:
+    """Whether every client translator of a GlusterFS mount has strict-locks on, read from
+    the mount's active graph (``.meta``). None when it cannot be read."""
+    graph = Path(mountpoint, ".meta", "graphs", "active")
+    values: list[str] = []
+    try:
+        for xl in sorted(graph.iterdir()):
+            try:
+                kind = (xl / "type").read_text().strip()
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            if kind != "protocol/client":
+                continue
+            try:
+                values.append((xl / "options" / "strict-locks").read_text().strip().lower())
+            except FileNotFoundError:
+                values.append("off")  # the translator's default (client.c: "off")
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return None, f"cannot read the client graph under {graph}: {name}"
+    if not values:
+        return None, f"no protocol/client translator under {graph}"
+    on = all(v in _ON for v in values)
+    return on, "client.strict-locks " + ("on" if on else "off")
+
+
+def classify(lockspace: str, directory: str, forced_shared: bool = False) -> Storage:
+    mount = mount_of(directory)
+    if mount is None:
+        return Storage(lockspace, directory, None, forced_shared, detail="mount not found")
+    fstype = mount.fstype
+    shared = forced_shared or fstype in SHARED_FSTYPES or fstype.startswith("fuse.")
+    storage = Storage(lockspace, directory, mount, shared)
+    if fstype == GLUSTER_FSTYPE:
+        strict, detail = gluster_strict_locks(mount.mountpoint)
+        storage = replace(
+            storage, drops_silently=strict is not True, reports_drops=strict is True, detail=detail
+        )
+    return storage
+
+
+class Verifier:
+    """Classifies the indirect lockspaces, guards new leases on unsafe mounts, and verifies
+    held leases on shared ones on a timer (see the module docstring)."""
+
+    def __init__(self, config: Config, service: LockService) -> None:
+        self.config = config
+        self.service = service
+        self.loop = service.loop
+        self.storage: dict[str, Storage] = {}
+        self._warned: dict[str, float] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[int] | None = None
+        # the last sweep: leases probed, seconds, losses found (also logged at DEBUG)
+        self.last_sweep: tuple[int, float, int] = (0, 0.0, 0)
+
+    # -- classification -------------------------------------------------------------------
+    def start(self) -> None:
+        for ls in self.config.lockspaces:
+            self._classify(ls, at_start=True)
+        if any(s.drops_silently for s in self.storage.values()):
+            self.service.admit_indirect = self.admit
+        if self.config.verify_interval > 0 and self.shared():
+            self._handle = self.loop.call_later(self.config.verify_interval, self._tick)
+
+    def shared(self) -> list[str]:
+        return [ls for ls, s in self.storage.items() if s.shared]
+
+    def _classify(self, ls: str, at_start: bool = False) -> Storage:
+        directory = str(self.config.lockspaces[ls])
+        new = classify(ls, directory, ls in self.config.shared_lockspaces)
+        old = self.storage.get(ls)
+        self.storage[ls] = new
+        if at_start or old is None:
+            if new.drops_silently:
+                self._unsafe(new, "start")
+            elif new.shared:
+                log.info(
+                    "lockspace %s: shared storage, %s; held leases verified every %g s",
+                    ls,
+                    new.describe(),
+                    self.config.verify_interval,
+                    extra={"LOCKD_EVENT": "shared-storage", "LOCKD_LOCKSPACE": ls},
+                )
+        elif old.drops_silently != new.drops_silently:
+            if new.drops_silently:
+                self._unsafe(new, "change")
+            else:
+                log.info(
+                    "lockspace %s: %s; new leases accepted again",
+                    ls,
+                    new.describe(),
+                    extra={"LOCKD_EVENT": "shared-storage", "LOCKD_LOCKSPACE": ls},
+                )
+            if new.drops_silently:
+                self.service.admit_indirect = self.admit
+        return new
+
+    def _unsafe(self, storage: Storage, when: str) -> None:
+        allowed = storage.lockspace in self.config.allow_unsafe_storage
+        log.log(
+            logging.WARNING if allowed else logging.ERROR,
+            "lockspace %s: %s can drop a lock without telling (a reconnect reopens files "
+            "without their locks); %s. Fix: gluster volume set VOLUME client.strict-locks on, "
+            "then remount",
+            storage.lockspace,
+            storage.describe(),
+            "allowed by allow_unsafe_storage" if allowed else "new leases there are refused",
+            extra={
+                "LOCKD_EVENT": "unsafe-storage",
+                "LOCKD_LOCKSPACE": storage.lockspace,
+                "LOCKD_WHEN": when,
+            },
+        )
+
+    def admit(self, ls: str) -> None:
+        """Before a new lease in an indirect lockspace: refuse (or warn about) storage that
+        can drop a lock silently. A dictionary lookup for every other lockspace."""
+        storage = self.storage.get(ls)
+        if storage is None or not storage.drops_silently:
+            return
+        now = time.monotonic()
+        last = self._warned.get(ls)
+        if last is None or now - last >= WARN_EVERY:  # the first use, then once a minute
+            self._warned[ls] = now
+            self._unsafe(storage, "use")
+        if ls not in self.config.allow_unsafe_storage:
+            reason = (
+                f"lockspace {ls} is on a mount that can drop locks without telling "
+                f"({storage.describe()}); set client.strict-locks on and remount, "
+                "or list it in allow_unsafe_storage"
+            )
+            raise InvalidResource(reason, resource=ls, reason=reason)
+
+    # -- verification ---------------------------------------------------------------------
+    def _tick(self) -> None:
+        self._handle = self.loop.call_later(self.config.verify_interval, self._tick)
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self.sweep())
+
+    async def sweep(self) -> int:
+        """Probe every held lease on shared storage once; returns how many were lost."""
+        t0 = time.perf_counter()
+        shared = set(self.shared())
+        for ls in shared:
+            mount = self.storage[ls].mount
+            if mount is not None and mount.fstype == GLUSTER_FSTYPE:
+                self._classify(ls)  # the option may have changed with a remount
+        leases = [x for x in self.service.table.leases() if x.lockspace in shared]
+        probed = lost = 0
+        for i, lease in enumerate(leases):
+            if i and i % SLICE == 0:
+                await asyncio.sleep(0)
+            # checked again after every yield: the lease may have been released meanwhile
+            if lease.state is not State.HELD or lease.settled is not None or lease.fd is None:
+                continue
+            probed += 1
+            reason = self.probe(lease)
+            if reason is not None:
+                lost += 1
+                self.service.lease_lost(lease, reason)
+        self.last_sweep = (probed, time.perf_counter() - t0, lost)
+        log.debug(
+            "verified %d leases on shared storage in %.1f ms: %d lost",
+            probed,
+            self.last_sweep[1] * 1000,
+            lost,
+            extra={"LOCKD_EVENT": "verify"},
+        )
+        return lost
+
+    def probe(self, lease: Lease) -> str | None:
+        """Why the lease's lock is gone, or None if it still looks held."""
+        assert lease.fd is not None
+        try:
+            other = ofd.conflict(lease.fd, lease.exclusive)
+        except OSError as exc:
+            if exc.errno in ofd.LOCK_DROPPED_ERRNOS:
+                return (
+                    f"the filesystem dropped the lock "
+                    f"({errno.errorcode[exc.errno]} on the lease's file)"
+                )
+            log.warning(
+                "cannot verify the lease on %s: %s",
+                lease.resource,
+                exc,
+                extra={"LOCKD_RESOURCE": lease.resource, "LOCKD_EVENT": "verify-error"},
+            )
+            return None
+        if other is not None:
+            return f"the filesystem dropped the lock: another holder has it ({other})"
+        if not self.storage[lease.lockspace].reports_drops:
+            seen: str | None = "unknown"
+            with contextlib.suppress(OSError):
+                seen = ofd.holder(lease.path)
+            if seen is None:
+                return "the filesystem dropped the lock: nobody holds it any more"
+        return None
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
