@@ -32,7 +32,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
+from lockd.errors import (
+    InvalidResource,
+    LimitExceeded,
+    LockdError,
+    PermissionDenied,
+    ResourceBusy,
+)
 
 # Linux values (include/uapi/asm-generic/fcntl.h); fcntl exports them from Python 3.9 on
 # most builds, but not everywhere.
@@ -86,6 +92,24 @@ def _os_error(exc: OSError, resource: str) -> Exception:
         errno.ENXIO: "no such device",
     }.get(code or 0, os.strerror(code or errno.EIO))
     return InvalidResource(f"{resource}: {reason}", resource=resource, reason=reason)
+
+
+def _close_quietly(fd: int) -> None:
+    # Linux releases the descriptor even when close() fails (close(2)); through FUSE a close
+    # reports the filesystem's flush error (ENOTCONN from a GlusterFS client cut off from its
+    # brick), which must not replace the error that made us close it.
+    try:  # noqa: SIM105
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _named(exc: BaseException, resource: str) -> BaseException:
+    """An OSError from opening or locking as the named error a client gets (a lock refused
+    for a reason other than a conflict: ENOTCONN, EIO from shared storage, ...)."""
+    if isinstance(exc, OSError) and not isinstance(exc, LockdError):
+        return _os_error(exc, resource)
+    return exc
 
 
 def _set(fd: int, exclusive: bool, resource: str) -> None:
@@ -142,9 +166,12 @@ def lock_existing(
         if check is not None:
             check(st)  # on the file actually opened: the path may have been swapped since
         _set(fd, exclusive, path)
-    except BaseException:
-        os.close(fd)
-        raise
+    except BaseException as exc:
+        _close_quietly(fd)
+        named = _named(exc, path)
+        if named is exc:
+            raise
+        raise named from None
     return Locked(fd, st.st_dev, st.st_ino)
 
 
@@ -175,10 +202,13 @@ def lock_lease_file(path: str, exclusive: bool, resource: str) -> Locked:
                 now = None
             if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
                 return Locked(fd, st.st_dev, st.st_ino)
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
+        except BaseException as exc:
+            _close_quietly(fd)
+            named = _named(exc, resource)
+            if named is exc:
+                raise
+            raise named from None
+        _close_quietly(fd)
     raise ResourceBusy(
         f"lease file {path} keeps being replaced",
         lockspace="",
@@ -257,7 +287,7 @@ def holder(path: str) -> str | None:
         res = fcntl.fcntl(fd, F_OFD_GETLK, _WR)
         ltype = struct.unpack(_FLOCK, res)[0]
     finally:
-        os.close(fd)
+        _close_quietly(fd)
     if ltype == fcntl.F_UNLCK:
         return None
     return "exclusive" if ltype == fcntl.F_WRLCK else "shared"

@@ -176,10 +176,14 @@ def mount_of(directory: str, mountinfo: str | None = None) -> Mount | None:
     while dev is None:
         try:
             dev = os.stat(probe).st_dev
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             if probe == "/":
                 break
-            probe = os.path.dirname(probe)
+            probe = os.path.dirname(probe)  # not made yet: its parent is on the same mount
+        except OSError:
+            # ENOTCONN, EIO: the mount is there but does not answer (a FUSE client cut off
+            # from its server); an ancestor's device would name the wrong filesystem
+            break
 
     def under(m: Mount) -> bool:
         return path == m.mountpoint or path.startswith(m.mountpoint.rstrip("/") + "/")
@@ -250,7 +254,7 @@ class Verifier:
     # -- classification -------------------------------------------------------------------
     def start(self) -> None:
         for ls in self.config.lockspaces:
-            self._classify(ls, at_start=True)
+            self._classify(ls)
         if any(s.drops_silently for s in self.storage.values()):
             self.service.admit_indirect = self.admit
         if self.config.verify_interval > 0 and self.shared():
@@ -259,35 +263,44 @@ class Verifier:
     def shared(self) -> list[str]:
         return [ls for ls, s in self.storage.items() if s.shared]
 
-    def _classify(self, ls: str, at_start: bool = False) -> Storage:
+    def _classify(self, ls: str) -> Storage:
         directory = str(self.config.lockspaces[ls])
         new = classify(ls, directory, ls in self.config.shared_lockspaces)
-        old = self.storage.get(ls)
         self.storage[ls] = new
-        if at_start or old is None:
-            if new.drops_silently:
-                self._unsafe(new, "start")
-            elif new.shared:
-                log.info(
-                    "lockspace %s: shared storage, %s; held leases verified every %g s",
-                    ls,
-                    new.describe(),
-                    self.config.verify_interval,
-                    extra={"LOCKD_EVENT": "shared-storage", "LOCKD_LOCKSPACE": ls},
-                )
-        elif old.drops_silently != new.drops_silently:
-            if new.drops_silently:
-                self._unsafe(new, "change")
-            else:
-                log.info(
-                    "lockspace %s: %s; new leases accepted again",
-                    ls,
-                    new.describe(),
-                    extra={"LOCKD_EVENT": "shared-storage", "LOCKD_LOCKSPACE": ls},
-                )
-            if new.drops_silently:
-                self.service.admit_indirect = self.admit
+        if new.drops_silently:
+            self._unsafe(new, "start")
+        elif new.shared:
+            log.info(
+                "lockspace %s: shared storage, %s; held leases verified every %g s",
+                ls,
+                new.describe(),
+                self.config.verify_interval,
+                extra={"LOCKD_EVENT": "shared-storage", "LOCKD_LOCKSPACE": ls},
+            )
         return new
+
+    def _refresh(self, ls: str) -> None:
+        """Read a GlusterFS mount's strict-locks again (a remount may have changed it). The
+        mount and its sharedness stay as found at start-up: a mount that does not answer for
+        a while must not pass for a local filesystem, nor an unreadable option for a change."""
+        old = self.storage[ls]
+        if old.mount is None or old.mount.fstype != GLUSTER_FSTYPE:
+            return
+        strict, detail = gluster_strict_locks(old.mount.mountpoint)
+        if strict is None or strict == old.reports_drops:
+            return
+        new = replace(old, drops_silently=not strict, reports_drops=strict, detail=detail)
+        self.storage[ls] = new
+        if new.drops_silently:
+            self._unsafe(new, "change")
+            self.service.admit_indirect = self.admit
+        else:
+            log.info(
+                "lockspace %s: %s; new leases accepted again",
+                ls,
+                new.describe(),
+                extra={"LOCKD_EVENT": "shared-storage", "LOCKD_LOCKSPACE": ls},
+            )
 
     def _unsafe(self, storage: Storage, when: str) -> None:
         allowed = storage.lockspace in self.config.allow_unsafe_storage
@@ -336,9 +349,7 @@ class Verifier:
         t0 = time.perf_counter()
         shared = set(self.shared())
         for ls in shared:
-            mount = self.storage[ls].mount
-            if mount is not None and mount.fstype == GLUSTER_FSTYPE:
-                self._classify(ls)  # the option may have changed with a remount
+            self._refresh(ls)
         leases = [x for x in self.service.table.leases() if x.lockspace in shared]
         probed = lost = 0
         for i, lease in enumerate(leases):
