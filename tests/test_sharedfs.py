@@ -235,12 +235,13 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
     # the user manager copies the mount table when it starts: the FUSE mounts are in it
     with sd.UserManager() as m:
         conf = m.w / "lockd.conf"
-        conf.write_text(f'[lockspaces]\nshared = "{a_leases}"\n')
+        conf.write_text(f'verify_interval = 0\n[lockspaces]\nshared = "{a_leases}"\n')
         wrapper = m.bindir / "lockd"
         wrapper.write_text(wrapper.read_text().replace('"$@"', f'--config {conf} "$@"'))
         rs = [RESOURCE.format(i) for i in range(8)]
         with m.client() as c:
-            va = c.register(owners.spawn().pid, name="vm-a")["uuid"]
+            vm_a = owners.spawn()
+            va = c.register(vm_a.pid, name="vm-a")["uuid"]
             for r in rs:
                 c.acquire(r, owner=va, lockspace="shared")
         assert int(m.prop(sd.SERVICE, "NFileDescriptorStore") or 0) == len(rs)
@@ -266,6 +267,27 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
             assert {x["continuity"] for x in listed} == {"kept"} and len(listed) == len(rs)
         for f in files_b:
             assert probe_setlk_elsewhere(f) == "held"
+        # The storage drops A's locks while they sit in the store (no verifier here:
+        # verify_interval = 0), B takes one, and A dies: the new instance is handed fds whose
+        # locks are gone (EBADFD, or ENOTCONN while the client reconnects). Those leases are
+        # lost, not "kept": someone may have held the resource meanwhile, as B does.
+        bed.reset_connection("a")
+        wait_until(lambda: is_free(files_b[0]), 10, 0.005, "A's locks dropped by the brick")
+        b.acquire(rs[0], vb)
+        r = m.kill_and_wait(signal.SIGKILL)
+        status = m.lockctl_json("status")["status"]["recovery"]
+        assert (status["adopted"], status["lost"]) == (0, len(rs)), status
+        lost = [e for e in m.lockctl_json("history")["events"] if e["event"] == "lost"]
+        assert {e["resource"] for e in lost} == set(rs)
+        assert all("the filesystem dropped the lock" in e["reason"] for e in lost), lost
+        assert vm_a.wait(15) == -signal.SIGKILL  # fenced: the default policy
+        assert probe_setlk_elsewhere(files_b[0]) == "held" and b.lease(rs[0])["state"] == "held"
+        figures.add(
+            f"A's storage connection reset while its {len(rs)} leases sat in the fd store, "
+            f"then kill -9: the new instance found them dropped at adoption, all lost, owner "
+            f"fenced (kill -> READY {r.to_ready * 1000:.0f} ms)"
+        )
+        bed.wait_reconnected("a")
 
 
 # --- owner death on A -------------------------------------------------------------------
@@ -389,11 +411,19 @@ def test_reconnect_with_strict_locks_is_a_lost_lease(
     assert probe(b.lease_file(r3)) == "exclusive"
     a.release(r1, vq)  # the owner acknowledges the loss
     assert b.lease(r1)["state"] == "held" and probe(a.lease_file(r1)) == "exclusive"
+    # a second cut: the lockspace is still verified (its mount did not answer for seconds,
+    # which must not make it pass for local storage)
+    bed.reset_connection("a")
+    again = _wait_lost(a, r3)
+    assert "dropped the lock" in next(
+        e["reason"] for e in a.daemon.history() if e["event"] == "lost" and e["resource"] == r3
+    )
+    bed.wait_reconnected("a")
     figures.add(
         f"ss -K of A's brick connection (strict-locks on, verify_interval 0.5 s): B could lock "
         f"after {b_in * 1000:.0f} ms; A found the loss {(b_in + detected) * 1000:.0f} ms "
         f"after the reset (owner fenced by {fenced * 1000:.0f} ms); A's client reconnected "
-        f"{reconnected:.1f} s after that"
+        f"{reconnected:.1f} s after that; a second cut found lost {again * 1000:.0f} ms after it"
     )
 
 
