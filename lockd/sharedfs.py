@@ -30,7 +30,10 @@ the client's locks, and another host takes the resource. Three things here:
    the option into every client volfile, and a missing file means the default, off. A
    ``gluster volume set`` applied to a running client reconfigures it without updating that
    view (seen here: the client behaved as ``on`` while ``.meta`` still said ``off``), so the
-   verdict is the option the mount was made with: remount after changing it.
+   verdict is the option the mount was made with: remount after changing it. Mounts whose
+   fcntl locks never leave this host are refused the same way, from their options in
+   mountinfo (:func:`local_locks`: NFS ``nolock`` / ``local_lock=posix|all``, GFS2
+   ``localflocks`` / ``lockproto=lock_nolock``; read from the man pages, not tried here).
 
 3. **Verification** (:class:`Verifier`), every ``verify_interval`` seconds, of every held
    lease in a shared lockspace, on the event loop in slices of :data:`SLICE` leases (one
@@ -105,6 +108,8 @@ class Mount:
     mountpoint: str
     fstype: str
     source: str
+    # the per-mount and the superblock options, together
+    options: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +120,9 @@ class Storage:
     directory: str
     mount: Mount | None
     shared: bool
-    # True: the mount can drop a lock without telling (GlusterFS, strict-locks off)
-    drops_silently: bool = False
+    # why locks on this mount do not keep hosts apart (GlusterFS with strict-locks off drops
+    # them silently; local_lock / localflocks keep them on this host), or None
+    unsafe: str | None = None
     # True: a dropped lock shows as an error on the lease's fd (GlusterFS, strict-locks on)
     reports_drops: bool = False
     detail: str = ""
@@ -158,7 +164,8 @@ def parse_mountinfo(text: str) -> list[tuple[int, Mount]]:
             dev = os.makedev(int(major), int(minor))
         except ValueError:
             continue
-        out.append((dev, Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]))))
+        options = frozenset(fields[5].split(",") + (tail[2].split(",") if len(tail) > 2 else []))
+        out.append((dev, Mount(_unescape(fields[4]), tail[0], _unescape(tail[1]), options)))
     return out
 
 
@@ -221,17 +228,44 @@ def gluster_strict_locks(mountpoint: str) -> tuple[bool | None, str]:
     return on, "client.strict-locks " + ("on" if on else "off")
 
 
+GLUSTER_UNSAFE = (
+    "can drop a lock without telling (a reconnect reopens files without their locks: "
+    "client.strict-locks off); fix: gluster volume set VOLUME client.strict-locks on, then "
+    "remount"
+)
+
+
+def local_locks(mount: Mount) -> str | None:
+    """Why fcntl locks on a network or cluster mount stay on this host, from its options, or
+    None: NFS with ``nolock`` or ``local_lock=posix|all`` (nfs(5): "applications can lock
+    files, but such locks provide exclusion only against other applications running on the
+    same client"), GFS2 with ``localflocks`` or ``lockproto=lock_nolock`` (gfs2(5))."""
+    o = mount.options
+    if mount.fstype in ("nfs", "nfs4"):
+        for opt in ("nolock", "local_lock=posix", "local_lock=all"):
+            if opt in o:
+                return f"locks only on this host ({opt}); fix: remount without it"
+    if mount.fstype == "gfs2":
+        for opt in ("localflocks", "lockproto=lock_nolock"):
+            if opt in o:
+                return f"locks only on this host ({opt}); fix: remount without it"
+    return None
+
+
 def classify(lockspace: str, directory: str, forced_shared: bool = False) -> Storage:
     mount = mount_of(directory)
     if mount is None:
         return Storage(lockspace, directory, None, forced_shared, detail="mount not found")
     fstype = mount.fstype
     shared = forced_shared or fstype in SHARED_FSTYPES or fstype.startswith("fuse.")
-    storage = Storage(lockspace, directory, mount, shared)
+    storage = Storage(lockspace, directory, mount, shared, unsafe=local_locks(mount))
     if fstype == GLUSTER_FSTYPE:
         strict, detail = gluster_strict_locks(mount.mountpoint)
         storage = replace(
-            storage, drops_silently=strict is not True, reports_drops=strict is True, detail=detail
+            storage,
+            unsafe=None if strict else GLUSTER_UNSAFE,
+            reports_drops=strict is True,
+            detail=detail,
         )
     return storage
 
@@ -255,7 +289,7 @@ class Verifier:
     def start(self) -> None:
         for ls in self.config.lockspaces:
             self._classify(ls)
-        if any(s.drops_silently for s in self.storage.values()):
+        if any(s.unsafe for s in self.storage.values()):
             self.service.admit_indirect = self.admit
         if self.config.verify_interval > 0 and self.shared():
             self._handle = self.loop.call_later(self.config.verify_interval, self._tick)
@@ -267,7 +301,7 @@ class Verifier:
         directory = str(self.config.lockspaces[ls])
         new = classify(ls, directory, ls in self.config.shared_lockspaces)
         self.storage[ls] = new
-        if new.drops_silently:
+        if new.unsafe:
             self._unsafe(new, "start")
         elif new.shared:
             log.info(
@@ -289,9 +323,11 @@ class Verifier:
         strict, detail = gluster_strict_locks(old.mount.mountpoint)
         if strict is None or strict == old.reports_drops:
             return
-        new = replace(old, drops_silently=not strict, reports_drops=strict, detail=detail)
+        new = replace(
+            old, unsafe=None if strict else GLUSTER_UNSAFE, reports_drops=strict, detail=detail
+        )
         self.storage[ls] = new
-        if new.drops_silently:
+        if new.unsafe:
             self._unsafe(new, "change")
             self.service.admit_indirect = self.admit
         else:
@@ -306,11 +342,10 @@ class Verifier:
         allowed = storage.lockspace in self.config.allow_unsafe_storage
         log.log(
             logging.WARNING if allowed else logging.ERROR,
-            "lockspace %s: %s can drop a lock without telling (a reconnect reopens files "
-            "without their locks); %s. Fix: gluster volume set VOLUME client.strict-locks on, "
-            "then remount",
+            "lockspace %s: %s %s; %s",
             storage.lockspace,
             storage.describe(),
+            storage.unsafe,
             "allowed by allow_unsafe_storage" if allowed else "new leases there are refused",
             extra={
                 "LOCKD_EVENT": "unsafe-storage",
@@ -320,10 +355,10 @@ class Verifier:
         )
 
     def admit(self, ls: str) -> None:
-        """Before a new lease in an indirect lockspace: refuse (or warn about) storage that
-        can drop a lock silently. A dictionary lookup for every other lockspace."""
+        """Before a new lease in an indirect lockspace: refuse (or warn about) storage whose
+        locks do not keep hosts apart. A dictionary lookup for every other lockspace."""
         storage = self.storage.get(ls)
-        if storage is None or not storage.drops_silently:
+        if storage is None or not storage.unsafe:
             return
         now = time.monotonic()
         last = self._warned.get(ls)
@@ -332,8 +367,7 @@ class Verifier:
             self._unsafe(storage, "use")
         if ls not in self.config.allow_unsafe_storage:
             reason = (
-                f"lockspace {ls} is on a mount that can drop locks without telling "
-                f"({storage.describe()}); set client.strict-locks on and remount, "
+                f"lockspace {ls} is on {storage.describe()}, which {storage.unsafe}; "
                 "or list it in allow_unsafe_storage"
             )
             raise InvalidResource(reason, resource=ls, reason=reason)
