@@ -253,9 +253,10 @@ def unlock_and_close(fd: int) -> None:
 # back. GlusterFS 10.3 (seen here, and in client_get_remote_fd of its client translator):
 # EBADFD once its client lost the brick connection, which made the brick drop every lock of
 # that client; with client.strict-locks=on the fd is never reopened, so the error stays.
-# ENOTCONN while the client is cut off or dead. EIO: Linux's NFSv4 client fails operations on
-# a lock state it marked lost (NFS_LOCK_LOST; kernel commit "NFSv4: always set NFS_LOCK_LOST
-# when a lock is lost"). ESTALE: the file is gone on the server (NFS).
+# ENOTCONN while the client is cut off or dead. EIO: Linux's NFSv4 client fails I/O on a lock
+# state it marked lost (NFS_LOCK_LOST; kernel commit "NFSv4: always set NFS_LOCK_LOST when a
+# lock is lost"), and its CephFS client makes "further file lock syscall return -EIO" once its
+# MDS session dropped the locks (fs/ceph/mds_client.c). ESTALE: the file is gone on the server.
 LOCK_DROPPED_ERRNOS = frozenset({errno.EBADFD, errno.ENOTCONN, errno.EIO, errno.ESTALE})
 
 

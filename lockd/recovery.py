@@ -5,7 +5,9 @@ one, in journal order:
 
 1. its owner is dead (the pid is gone, or its start time or boot id differ) -> release it;
 2. its fd came back from systemd's fd store (matched by FDNAME, never by position) -> held,
-   continuity ``kept``: the kernel lock never dropped;
+   continuity ``kept``: the kernel lock never dropped; unless locking it again fails with an
+   errno of :data:`lockd.ofd.LOCK_DROPPED_ERRNOS` (EBADFD: a shared filesystem dropped the
+   lock while the fd sat in the store) -> ``lost``, as someone may have held it meanwhile;
 3. otherwise open and lock again -> held, continuity ``retaken`` (a gap: the lock was free
    between our death and now), or EAGAIN / the file is gone -> ``lost``, and the owner's
    fence policy runs once the loop is up.
