@@ -36,8 +36,12 @@ the client's locks, and another host takes the resource. Three things here:
    ``localflocks`` / ``lockproto=lock_nolock``; read from the man pages, not tried here).
 
 3. **Verification** (:class:`Verifier`), every ``verify_interval`` seconds, of every held
-   lease in a shared lockspace, on the event loop in slices of :data:`SLICE` leases (one
-   probe through FUSE costs ~55 us here, so a slice stalls the loop for a few ms at most):
+   lease in a shared lockspace, :data:`SLICE` leases at a time in a thread of its own (one
+   probe through FUSE costs ~55-90 us here). The probes are system calls on the shared
+   mount, which a mount that does not answer holds (a GlusterFS request can wait out the
+   client's ping timeout): off the event loop, that stalls the verification, not lockd.
+   While its slice is probed a lease counts as busy (``Lease.settled``), so a release or an
+   owner's death waits for the probe, as for a commit, and no fd is closed under it.
 
    - ``F_OFD_GETLK`` on the lease's own fd (:func:`lockd.ofd.conflict`): another holder's
      conflicting lock, or an errno of :data:`lockd.ofd.LOCK_DROPPED_ERRNOS` (EBADFD after a
@@ -48,14 +52,13 @@ the client's locks, and another host takes the resource. Three things here:
 
    A loss takes the one lost path (:meth:`LockService.lease_lost`): HELD -> LOST, journaled
    with an event, the fd closed, Watch told, the owner fenced by its policy. GETLK never
-   takes a lock, so a probe never changes what it looks at. The probes are synchronous
-   system calls: while the storage does not answer (a partition, before the client's own
-   timeout: GlusterFS's network.ping-timeout, 42 s by default), they block the event loop,
-   as every lock operation on that storage would.
+   takes a lock, so a probe never changes what it looks at. (Acquire and release on that
+   storage are still system calls on the event loop: while it does not answer, they block
+   lockd, up to the client's own timeout: GlusterFS's network.ping-timeout, 42 s by default.)
 
 Invariants: a local lockspace is never probed; a lease is probed only while it is HELD with
-no commit in flight (the check and the probe happen with no await between them, so its fd
-cannot be closed under the probe); a lease is declared lost once.
+no commit in flight, and nothing closes its fd during the probe (it is marked busy); a lease
+is declared lost once.
 """
 
 from __future__ import annotations
@@ -63,11 +66,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from lockd import ofd
 from lockd.config import Config
@@ -76,6 +83,7 @@ from lockd.leases import Lease, State
 from lockd.service import LockService
 
 log = logging.getLogger("lockd")
+T = TypeVar("T")
 
 # Filesystem types (the mountinfo name) whose locks are granted by a server or a cluster lock
 # manager, not by this kernel alone: they are shared storage. Any "fuse.*" is shared too (a
@@ -313,14 +321,12 @@ class Verifier:
             )
         return new
 
-    def _refresh(self, ls: str) -> None:
-        """Read a GlusterFS mount's strict-locks again (a remount may have changed it). The
-        mount and its sharedness stay as found at start-up: a mount that does not answer for
-        a while must not pass for a local filesystem, nor an unreadable option for a change."""
+    def _refresh(self, ls: str, strict: bool | None, detail: str) -> None:
+        """A GlusterFS mount's strict-locks as read again (a remount may have changed it).
+        The mount and its sharedness stay as found at start-up: a mount that does not answer
+        for a while must not pass for a local filesystem, nor an unreadable option for a
+        change."""
         old = self.storage[ls]
-        if old.mount is None or old.mount.fstype != GLUSTER_FSTYPE:
-            return
-        strict, detail = gluster_strict_locks(old.mount.mountpoint)
         if strict is None or strict == old.reports_drops:
             return
         new = replace(
@@ -382,21 +388,45 @@ class Verifier:
         """Probe every held lease on shared storage once; returns how many were lost."""
         t0 = time.perf_counter()
         shared = set(self.shared())
-        for ls in shared:
-            self._refresh(ls)
+        gluster = {
+            ls: m.mountpoint
+            for ls in shared
+            if (m := self.storage[ls].mount) is not None and m.fstype == GLUSTER_FSTYPE
+        }
+        if gluster:  # the option may have changed with a remount
+            verdicts = await self._in_thread(
+                lambda: {ls: gluster_strict_locks(mp) for ls, mp in gluster.items()}
+            )
+            for ls, (strict, detail) in verdicts.items():
+                self._refresh(ls, strict, detail)
         leases = [x for x in self.service.table.leases() if x.lockspace in shared]
         probed = lost = 0
-        for i, lease in enumerate(leases):
-            if i and i % SLICE == 0:
-                await asyncio.sleep(0)
-            # checked again after every yield: the lease may have been released meanwhile
-            if lease.state is not State.HELD or lease.settled is not None or lease.fd is None:
+        for i in range(0, len(leases), SLICE):
+            # checked at each slice: a lease may have been released meanwhile
+            batch = [
+                x
+                for x in leases[i : i + SLICE]
+                if x.state is State.HELD and x.settled is None and x.fd is not None
+            ]
+            if not batch:
                 continue
-            probed += 1
-            reason = self.probe(lease)
-            if reason is not None:
-                lost += 1
-                self.service.lease_lost(lease, reason)
+            # While a slice is probed in the thread, its leases count as busy: a release or an
+            # owner's death waits for the probe (as for a commit), so no fd is closed under it
+            for lease in batch:
+                lease.settled = self.loop.create_future()
+            try:
+                reasons = await self._in_thread(functools.partial(self.probe_all, batch))
+            finally:
+                for lease in batch:
+                    fut, lease.settled = lease.settled, None
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+            probed += len(batch)
+            for lease, reason in zip(batch, reasons, strict=True):
+                # before anyone woken above runs: nothing can have changed the lease
+                if reason is not None and lease.state is State.HELD and lease.settled is None:
+                    lost += 1
+                    self.service.lease_lost(lease, reason)
         self.last_sweep = (probed, time.perf_counter() - t0, lost)
         log.debug(
             "verified %d leases on shared storage in %.1f ms: %d lost",
@@ -406,6 +436,38 @@ class Verifier:
             extra={"LOCKD_EVENT": "verify"},
         )
         return lost
+
+    def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` in a thread of its own and wait for it on the loop.
+
+        The probes are system calls on the shared mount, and a mount that does not answer
+        holds them (a GlusterFS request can wait out the client's ping timeout, 42 s by
+        default): off the event loop, that stalls the verification, not every client of
+        lockd, nor systemd's watchdog. A daemon thread, not an executor: the interpreter
+        joins executor threads at exit, and a stop must not wait for a hung mount."""
+        fut: asyncio.Future[T] = self.loop.create_future()
+
+        def deliver(result: T | None, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)  # type: ignore[arg-type]
+
+        def run() -> None:
+            try:
+                result, exc = fn(), None
+            except BaseException as e:  # delivered to the awaiting task
+                result, exc = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(deliver, result, exc)
+
+        threading.Thread(target=run, name="lockd-verify", daemon=True).start()
+        return fut
+
+    def probe_all(self, leases: list[Lease]) -> list[str | None]:
+        return [self.probe(lease) for lease in leases]
 
     def probe(self, lease: Lease) -> str | None:
         """Why the lease's lock is gone, or None if it still looks held."""
