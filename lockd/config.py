@@ -118,6 +118,15 @@ class Config:
     # every metrics_interval seconds; None: never (prometheus-client is then never imported)
     metrics_textfile_dir: Path | None = None
     metrics_interval: float = 15.0
+    # seconds between two verifications of the leases held in lockspaces on shared storage
+    # (lockd/sharedfs.py); 0: never verify
+    verify_interval: float = 5.0
+    # lockspaces treated as shared storage (verified) whatever their filesystem type; those on
+    # a network or cluster filesystem (NFS, GlusterFS, GFS2, CephFS, any FUSE...) are anyway
+    shared_lockspaces: tuple[str, ...] = ()
+    # lockspaces allowed on a mount that can drop a lock without telling (GlusterFS with
+    # client.strict-locks off): warnings instead of refusing new leases there
+    allow_unsafe_storage: tuple[str, ...] = ()
 
     @property
     def journal_path(self) -> Path:
@@ -164,6 +173,12 @@ class Config:
             raise ConfigError("metrics_interval must be >= 1 (seconds)")
         if self.fence_grace < 0:
             raise ConfigError("fence_grace must be >= 0")
+        if self.verify_interval < 0:
+            raise ConfigError("verify_interval must be >= 0 (0: never verify)")
+        for key in ("shared_lockspaces", "allow_unsafe_storage"):
+            for ls in getattr(self, key):
+                if ls not in self.lockspaces:
+                    raise ConfigError(f"{key}: {ls!r} is not a configured indirect lockspace")
         for name in (
             "history_retention",
             "max_connections",
@@ -205,6 +220,9 @@ KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "event_loop": (str, str),
     "metrics_textfile_dir": (str, Path),
     "metrics_interval": ((int, float), float),
+    "verify_interval": ((int, float), float),
+    "shared_lockspaces": (list, tuple),
+    "allow_unsafe_storage": (list, tuple),
 }
 
 
@@ -226,6 +244,8 @@ def read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
         if isinstance(value, dict) and not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{path}: lockspaces values must be directory paths")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: {key} must be a list of lockspace names")
         out[key] = convert(value)
     return out
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import fasteners
 
-from lockd import __version__, failpoint, handover, notify, ofd
+from lockd import __version__, failpoint, handover, notify, ofd, sharedfs
 from lockd.config import Config, ConfigError, load
 from lockd.errors import JournalError, LimitExceeded
 from lockd.journal import Journal, JournalUnreadable
@@ -223,6 +223,10 @@ class Daemon:
             self.config, journal, commit, lockspaces, outcome.table, fdstore, loop
         )
         service.counters.lost = outcome.report.lost
+        # indirect lockspaces on shared storage: refuse mounts that drop locks silently, and
+        # verify the leases held there on a timer (lockd/sharedfs.py)
+        verifier = sharedfs.Verifier(self.config, service)
+        verifier.start()
         for owner in list(outcome.table.owners.values()):
             if not service.watch_owner(owner):
                 service.owner_gone(owner, "owner exited during recovery")
@@ -255,7 +259,8 @@ class Daemon:
         )
         notify.notify(f"READY=1\nSTATUS={server.status_line()}")
         # -- serve
-        timers: list[Ticker | Pruner] = [
+        timers: list[Ticker | Pruner | sharedfs.Verifier] = [
+            verifier,
             Pruner(loop, journal, self.config.history_retention),
             Ticker(loop, 2.0, lambda: notify.notify(f"STATUS={server.status_line()}")),
         ]

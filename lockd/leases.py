@@ -10,6 +10,8 @@ there. The server drives the events in the order the crash protocol demands (DES
     release:  HELD --release--> RELEASING --committed--> RELEASED        (then close fd)
                                           \\--failed--> HELD             (lock kept)
     lost:     LOST --release--> RELEASING_LOST --committed--> RELEASED
+    dropped:  HELD --lose--> LOST   (at run time: the shared filesystem dropped the lock
+                                     behind our back, lockd/sharedfs.py found it)
     recovery: RECOVERING --adopt|retake--> HELD, --lose--> LOST,
               --owner-dead--> RELEASING
 
@@ -63,6 +65,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.ACQUIRING, E.COMMITTED): S.HELD,
     (S.ACQUIRING, E.FAILED): S.RELEASED,
     (S.HELD, E.RELEASE): S.RELEASING,
+    (S.HELD, E.LOSE): S.LOST,
     (S.RELEASING, E.COMMITTED): S.RELEASED,
     (S.RELEASING, E.FAILED): S.HELD,
     (S.LOST, E.RELEASE): S.RELEASING_LOST,

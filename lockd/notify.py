@@ -54,22 +54,30 @@ class _Notifier:
     FDSTORE_TIMEOUT = 10.0
 
     def __init__(self) -> None:
-        self.sock: socket.socket | None = None
+        # two sockets: one that waits (FDSTORE), one that never does. A socket with a timeout
+        # turns EAGAIN into "poll, then retry" inside CPython, even for MSG_DONTWAIT, and a
+        # full datagram receiver still polls writable: that was a busy loop of up to
+        # FDSTORE_TIMEOUT per STATUS message (found by the two-host torture, whose harness
+        # reads its notify socket only at start-up)
+        self.waiting: socket.socket | None = None
+        self.at_once: socket.socket | None = None
         self.address = ""
 
     def send(self, message: str, fds: list[int] | None = None, wait: bool = False) -> None:
         address = os.environ.get("NOTIFY_SOCKET", "")
         if not address:
             return
-        if self.sock is None or address != self.address:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self.sock.settimeout(self.FDSTORE_TIMEOUT)  # bounds the waiting sends
+        if self.waiting is None or self.at_once is None or address != self.address:
+            self.waiting = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.waiting.settimeout(self.FDSTORE_TIMEOUT)  # bounds the waiting sends
+            self.at_once = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.at_once.setblocking(False)  # EAGAIN is BlockingIOError at once
             self.address = address
         # "@name" is an abstract socket (sd_notify(3))
         target = "\0" + address[1:] if address.startswith("@") else address
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        flags = 0 if wait else socket.MSG_DONTWAIT
-        self.sock.sendmsg([message.encode()], ancillary, flags, target)
+        sock = self.waiting if wait else self.at_once
+        sock.sendmsg([message.encode()], ancillary, 0, target)
 
 
 _notifier = _Notifier()

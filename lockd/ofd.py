@@ -32,7 +32,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
+from lockd.errors import (
+    InvalidResource,
+    LimitExceeded,
+    LockdError,
+    PermissionDenied,
+    ResourceBusy,
+)
 
 # Linux values (include/uapi/asm-generic/fcntl.h); fcntl exports them from Python 3.9 on
 # most builds, but not everywhere.
@@ -93,6 +99,24 @@ def _os_error(exc: OSError, resource: str) -> Exception:
     return InvalidResource(f"{resource}: {reason}", resource=resource, reason=reason)
 
 
+def _close_quietly(fd: int) -> None:
+    # Linux releases the descriptor even when close() fails (close(2)); through FUSE a close
+    # reports the filesystem's flush error (ENOTCONN from a GlusterFS client cut off from its
+    # brick), which must not replace the error that made us close it.
+    try:  # noqa: SIM105
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _named(exc: BaseException, resource: str) -> BaseException:
+    """An OSError from opening or locking as the named error a client gets (a lock refused
+    for a reason other than a conflict: ENOTCONN, EIO from shared storage, ...)."""
+    if isinstance(exc, OSError) and not isinstance(exc, LockdError):
+        return _os_error(exc, resource)
+    return exc
+
+
 def _set(fd: int, exclusive: bool, resource: str) -> None:
     try:
         fcntl.fcntl(fd, F_OFD_SETLK, _WR if exclusive else _RD)
@@ -147,9 +171,12 @@ def lock_existing(
         if check is not None:
             check(st)  # on the file actually opened: the path may have been swapped since
         _set(fd, exclusive, path)
-    except BaseException:
-        os.close(fd)
-        raise
+    except BaseException as exc:
+        _close_quietly(fd)
+        named = _named(exc, path)
+        if named is exc:
+            raise
+        raise named from None
     return Locked(fd, st.st_dev, st.st_ino)
 
 
@@ -180,10 +207,13 @@ def lock_lease_file(path: str, exclusive: bool, resource: str) -> Locked:
                 now = None
             if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
                 return Locked(fd, st.st_dev, st.st_ino)
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
+        except BaseException as exc:
+            _close_quietly(fd)
+            named = _named(exc, resource)
+            if named is exc:
+                raise
+            raise named from None
+        _close_quietly(fd)
     raise ResourceBusy(
         f"lease file {path} keeps being replaced",
         lockspace="",
@@ -248,6 +278,34 @@ def unlock_and_close(fd: int) -> None:
         pass
 
 
+# What an fcntl on a held lease's fd answers when the filesystem dropped the lock behind our
+# back. GlusterFS 10.3 (seen here, and in client_get_remote_fd of its client translator):
+# EBADFD once its client lost the brick connection, which made the brick drop every lock of
+# that client; with client.strict-locks=on the fd is never reopened, so the error stays.
+# ENOTCONN while the client is cut off or dead. EIO: Linux's NFSv4 client fails I/O on a lock
+# state it marked lost (NFS_LOCK_LOST; kernel commit "NFSv4: always set NFS_LOCK_LOST when a
+# lock is lost"), and its CephFS client makes "further file lock syscall return -EIO" once its
+# MDS session dropped the locks (fs/ceph/mds_client.c). ESTALE: the file is gone on the server.
+LOCK_DROPPED_ERRNOS = frozenset({errno.EBADFD, errno.ENOTCONN, errno.EIO, errno.ESTALE})
+
+
+def conflict(fd: int, exclusive: bool) -> str | None:
+    """``F_OFD_GETLK`` on a lease's own fd: the mode of a lock that another open file
+    description holds against ours ("exclusive" or "shared"), or None.
+
+    Our own lock never conflicts with itself (the kernel, and GlusterFS's locks translator,
+    compare lock owners, and an OFD lock's owner is its open file description), so a conflict
+    means our lock is gone and someone else has the byte. GETLK takes nothing, so a probe
+    never changes what it looks at. OSError (EBADFD, ENOTCONN, ...) propagates: the caller
+    judges it with :data:`LOCK_DROPPED_ERRNOS`.
+    """
+    res = fcntl.fcntl(fd, F_OFD_GETLK, _WR if exclusive else _RD)
+    ltype = struct.unpack(_FLOCK, res)[0]
+    if ltype == fcntl.F_UNLCK:
+        return None
+    return "exclusive" if ltype == fcntl.F_WRLCK else "shared"
+
+
 def holder(path: str) -> str | None:
     """Who holds byte 0 of ``path`` as another process sees it: "exclusive", "shared", None.
 
@@ -259,7 +317,7 @@ def holder(path: str) -> str | None:
         res = fcntl.fcntl(fd, F_OFD_GETLK, _WR)
         ltype = struct.unpack(_FLOCK, res)[0]
     finally:
-        os.close(fd)
+        _close_quietly(fd)
     if ltype == fcntl.F_UNLCK:
         return None
     return "exclusive" if ltype == fcntl.F_WRLCK else "shared"

@@ -5,7 +5,9 @@ one, in journal order:
 
 1. its owner is dead (the pid is gone, or its start time or boot id differ) -> release it;
 2. its fd came back from systemd's fd store (matched by FDNAME, never by position) -> held,
-   continuity ``kept``: the kernel lock never dropped;
+   continuity ``kept``: the kernel lock never dropped; unless locking it again fails with an
+   errno of :data:`lockd.ofd.LOCK_DROPPED_ERRNOS` (EBADFD: a shared filesystem dropped the
+   lock while the fd sat in the store) -> ``lost``, as someone may have held it meanwhile;
 3. otherwise open and lock again -> held, continuity ``retaken`` (a gap: the lock was free
    between our death and now), or EAGAIN / the file is gone -> ``lost``, and the owner's
    fence policy runs once the loop is up.
@@ -21,6 +23,7 @@ listen backlog; nobody sees a half-recovered table.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -88,8 +91,10 @@ def _owner(row: dict[str, Any]) -> Owner:
     )
 
 
-def _adopt(fd: int, lease: Lease) -> bool:
-    """Use a stored fd if it is the right file; it already holds the lock (same OFD)."""
+def _adopt(fd: int, lease: Lease) -> bool | str:
+    """Use a stored fd if it is the right file; it already holds the lock (same OFD).
+    True: adopt it; False: not usable, lock the file again; a string: the filesystem dropped
+    the lock on this fd (a shared lockspace, DESIGN §2), which makes the lease lost."""
     try:
         st = os.fstat(fd)
         if lease.lockspace == DIRECT and direct_key(st.st_dev, st.st_ino) != lease.rkey:
@@ -97,7 +102,13 @@ def _adopt(fd: int, lease: Lease) -> bool:
         # Setting the lock we already hold on this open file description is a no-op that
         # proves we hold it; EAGAIN here would mean the fd is not the one that held it.
         ofd.relock(fd, lease.exclusive, lease.resource)
-    except (OSError, ResourceBusy):
+    except ResourceBusy:
+        return False
+    except OSError as exc:
+        if exc.errno in ofd.LOCK_DROPPED_ERRNOS:
+            # (GlusterFS: EBADFD once the client lost the brick connection, which released
+            # every lock of that client; someone may have held the resource since)
+            return f"the filesystem dropped the lock ({errno.errorcode[exc.errno]})"
         return False
     return True
 
@@ -166,7 +177,8 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             if fd is not None:
                 stored[lease.fdname] = fd
             continue
-        if fd is not None and _adopt(fd, lease):
+        adopted = _adopt(fd, lease) if fd is not None else False
+        if adopted is True:
             lease.fd = fd
             lease.apply(Event.ADOPT)
             lease.continuity = "kept"
@@ -174,21 +186,33 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
         else:
             if fd is not None:
                 stored[lease.fdname] = fd
-            try:
-                locked = lockspaces.lock(
-                    lease.lockspace, lease.resource, lease.rkey, lease.exclusive, lease.path
-                )
-            except (ResourceBusy, InvalidResource, PermissionDenied) as exc:
-                # (LimitExceeded, out of fds, is not a loss: it propagates and the daemon
-                # stops with the journal untouched, to be recovered with a higher limit)
+            reason = adopted or None
+            if reason is None:
+                try:
+                    locked = lockspaces.lock(
+                        lease.lockspace, lease.resource, lease.rkey, lease.exclusive, lease.path
+                    )
+                except (ResourceBusy, InvalidResource, PermissionDenied) as exc:
+                    # (LimitExceeded, out of fds, is not a loss: it propagates and the daemon
+                    # stops with the journal untouched, to be recovered with a higher limit)
+                    reason = (
+                        "taken by another holder while lockd was down"
+                        if isinstance(exc, ResourceBusy)
+                        else f"cannot lock again: {exc}"
+                    )
+                else:
+                    lease.fd = locked.fd
+                    lease.apply(Event.RETAKE)
+                    lease.continuity = "retaken"
+                    report.retaken += 1
+                    events.append(lease_event("retaken", lease, "locked again after a gap"))
+                    if first_retake:
+                        first_retake = False
+                        failpoint.hit("recovery.mid-replay")
+            if reason is not None:
                 lease.apply(Event.LOSE)
                 lease.continuity = "lost"
                 report.lost += 1
-                reason = (
-                    "taken by another holder while lockd was down"
-                    if isinstance(exc, ResourceBusy)
-                    else f"cannot lock again: {exc}"
-                )
                 writes.append(set_lease_state(lease.token, "lost"))
                 events.append(lease_event("lost", lease, reason))
                 to_fence.setdefault(owner.uuid, []).append(lease)
@@ -204,15 +228,6 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                         "LOCKD_EVENT": "lost",
                     },
                 )
-            else:
-                lease.fd = locked.fd
-                lease.apply(Event.RETAKE)
-                lease.continuity = "retaken"
-                report.retaken += 1
-                events.append(lease_event("retaken", lease, "locked again after a gap"))
-                if first_retake:
-                    first_retake = False
-                    failpoint.hit("recovery.mid-replay")
         table.add(lease)
 
     dead = [o for u, o in owners.items() if not alive[u]]

@@ -84,6 +84,7 @@ from lockd.journal import (
     put_grant,
     put_lockspace,
     put_owner,
+    set_lease_state,
     touch_grant,
 )
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
@@ -155,6 +156,9 @@ class LockService:
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         # cumulative since start (lockd.metrics): plain integer increments on the hot path
         self.counters = Counters()
+        # called with the lockspace before a new lease in an indirect lockspace is locked;
+        # raises to refuse it (lockd/sharedfs.py: storage that can drop a lock silently)
+        self.admit_indirect: Callable[[str], None] | None = None
 
     # -- owners ---------------------------------------------------------------------------
     def find_owner(self, owner: str | None, pid: int | None, peer: process.Peer) -> Owner:
@@ -480,6 +484,8 @@ class LockService:
             )
             if current != token:
                 raise TokenMismatch(expected=token, current=current)
+        if ls != DIRECT and self.admit_indirect is not None:
+            self.admit_indirect(ls)
         failpoint.hit("acquire.before-lock")
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check, seen=seen)
@@ -703,6 +709,49 @@ class LockService:
             extra={"LOCKD_EVENT": "lockspace"},
         )
         return True
+
+    # -- a lock dropped behind our back ---------------------------------------------------
+    def lease_lost(self, lease: Lease, reason: str) -> asyncio.Task[None]:
+        """A held lease whose kernel lock the filesystem dropped while we ran (a shared
+        lockspace: EBADFD after a reconnect, or another holder on the byte). It is lost from
+        this moment (HELD -> LOST, so nothing answers "held" any more); the task journals it,
+        then drops the fd (FDSTOREREMOVE, close), tells the owner's watchers and fences the
+        owner by its policy. The caller checked that no commit is in flight for it."""
+        lease.apply(Event.LOSE)
+        lease.continuity = "lost"
+        lease.settled = self.loop.create_future()
+        return self.loop.create_task(self._journal_lost(lease, reason))
+
+    async def _journal_lost(self, lease: Lease, reason: str) -> None:
+        while True:
+            try:
+                await self.commit.submit(
+                    set_lease_state(lease.token, "lost"), lease_event("lost", lease, reason)
+                )
+                break
+            except JournalError:
+                await asyncio.sleep(0.5)  # the lock is gone either way; the record must be made
+        self.counters.lost += 1
+        if lease.fd is not None:  # journaled first: a crash here leaves a stray stored fd
+            self.fdstore.remove(lease.fdname)
+            ofd.unlock_and_close(lease.fd)
+            lease.fd = None
+        self._settle(lease)
+        log.error(
+            "lease on %s of owner %s lost: %s",
+            lease.resource,
+            lease.owner.name,
+            reason,
+            extra={
+                "LOCKD_RESOURCE": lease.resource,
+                "LOCKD_OWNER": lease.owner.uuid,
+                "LOCKD_TOKEN": lease.token,
+                "LOCKD_EVENT": "lost",
+            },
+        )
+        self.publish(lease.owner, lease.as_event("lost", reason, time.time()))
+        if lease.owner.uuid in self.table.owners:
+            self.fence(lease.owner, [lease])
 
     # -- helpers --------------------------------------------------------------------------
     def _drop(self, lease: Lease) -> None:

@@ -24,6 +24,13 @@ command -v unshare >/dev/null 2>&1 || need="$need util-linux"
 for pkg in libvirt-daemon libvirt-clients qemu-system-x86 qemu-utils; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
+# The shared-storage tests run a private GlusterFS volume mounted twice (tests/gluster_harness.py;
+# ~6-12 s to install, 22 packages). A fresh install enables and starts no service, and the
+# harness's glusterd is its own, on private directories.
+for pkg in glusterfs-server glusterfs-client; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+done
+command -v ss >/dev/null 2>&1 || need="$need iproute2"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "setup: missing Debian packages:$need (run as root, or apt-get install them)" >&2

@@ -17,6 +17,8 @@ or ``.venv/bin/python -m torture --help``. Theory of operation, by module:
   ``F_OFD_GETLK``) must agree; each disagreement is a named violation;
 - :mod:`torture.kernel`: the two kernel readings; :mod:`torture.daemonctl`: starting and
   killing lockd, readiness over ``$NOTIFY_SOCKET``, the checker's own Varlink call;
+- :mod:`torture.multihost`: ``--hosts 2``, two lockds on one real GlusterFS volume, crashes
+  and storage resets of either host, every check made through both mounts;
 - :mod:`torture.zygote`: a fork server that starts a pre-imported daemon in ~50 ms instead
   of ~350 ms (``--spawn exec`` starts ``python -m lockd.daemon`` each time instead).
 

@@ -496,6 +496,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory on success")
     p.add_argument("--keep-going", action="store_true", help="do not stop at a violation")
     p.add_argument("--progress", type=int, default=100, help="a progress line every N cycles")
+    p.add_argument(
+        "--hosts",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: two lockds on one GlusterFS volume, crashes and storage resets of either "
+        "(torture/multihost.py; root, the glusterfs packages, port 24007)",
+    )
+    p.add_argument(
+        "--reset-share", type=float, default=0.3, help="--hosts 2: share of storage resets (0.3)"
+    )
+    p.add_argument("--verify-interval", type=float, default=0.2, help="--hosts 2: lockd's (0.2 s)")
     args = p.parse_args(argv)
     if args.seed is None:
         args.seed = int(time.time() * 1000) % 1_000_000
@@ -509,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     # The clients reconnect through lockd.client's own retry loop; only its pace changes: a
     # 200 ms backoff cap would add ~100 ms of idle waiting to every one of a thousand cycles.
     lockd.client.BACKOFF_MAX = args.client_backoff
+    if args.hosts == 2:
+        from torture import multihost
+
+        return multihost.main(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = args.workdir or REPO / "results" / "torture" / f"{stamp}-seed{args.seed}"
     base.mkdir(parents=True, exist_ok=False)
