@@ -1,12 +1,12 @@
 """asyncio client of lockd: :class:`Client`, the same calls as :class:`lockd.client.Client`.
 
 Theory of operation: the same API, the same errors and the same ride over daemon restarts
-as the blocking client, without a thread per call. What is shared, not copied, from
-:mod:`lockd.client`: the calls (:class:`~lockd.client.requests`: method, parameters and how
-each reply is read), the retry policy (:class:`~lockd.client.Attempts`: which failures are
-retried, the backoff, the timeout, the errors raised), and the Varlink codec
-(:mod:`lockd.varlink`). Only the I/O differs: the event loop's ``sock_connect`` /
-``sock_sendall`` / ``sock_recv`` on a non-blocking socket.
+as the blocking client, without a thread per call. What is shared, not copied: the calls
+(:class:`lockd.calls.requests`: method, parameters and how each reply is read), the retry
+policy (:class:`lockd.client.Attempts`: which failures are retried, the backoff, the
+timeout, the errors raised), and the Varlink codec (:mod:`lockd.varlink`). Only the I/O
+differs: the event loop's ``sock_connect`` / ``sock_sendall`` / ``sock_recv`` on a
+non-blocking socket.
 
 Concurrency: any number of tasks may call one Client at once. Each call borrows an idle
 connection or opens one and gives it back when answered, so concurrent calls run on
@@ -32,17 +32,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lockd.client import (
-    _TRANSIENT,
-    MAX_REPLY,
-    RECV_SIZE,
-    Attempts,
-    Reply,
-    Request,
-    _obj,
-    _unwrap,
-    requests,
-)
+from lockd.calls import Reply, Request, reply_object, requests, unwrap
+from lockd.client import _TRANSIENT, MAX_REPLY, RECV_SIZE, Attempts
 from lockd.config import default_admin_socket, default_socket
 from lockd.errors import ProtocolError
 from lockd.varlink import Call, Decoder
@@ -171,7 +162,7 @@ class Client:
             conn.close()  # out of step (more than one reply), or enough kept already
         else:
             self._idle.append(conn)
-        return _unwrap(msg)
+        return unwrap(msg)
 
     async def _open(self, tries: Attempts) -> _Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -361,4 +352,4 @@ class Watch(AsyncIterator[Reply]):
                 self._conn, msg = await self._client._exchange(self._call, retry=True, stream=True)
         if not msg.get("continues"):
             self.close()
-        return _obj(_unwrap(msg), "event")
+        return reply_object(unwrap(msg), "event")

@@ -39,19 +39,18 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from errno import EAGAIN, ECONNABORTED, ECONNREFUSED, ECONNRESET, ENOENT, ENOTCONN, EPIPE, ETIMEDOUT
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
+from lockd.calls import Reply, Request, reply_object, requests, unwrap
 from lockd.config import default_admin_socket, default_socket
-from lockd.errors import DaemonUnreachable, PermissionDenied, ProtocolError, from_wire
+from lockd.errors import DaemonUnreachable, PermissionDenied, ProtocolError
 from lockd.varlink import Call, Decoder
 
 __all__ = ["Attempts", "Client", "Reply", "Request", "Watch", "requests"]
 
-Reply = dict[str, Any]
 T = TypeVar("T")
 
 RECV_SIZE = 65536
@@ -77,37 +76,6 @@ def _remaining(deadline: float | None) -> float | None:
     if left <= 0:
         raise TimeoutError(ETIMEDOUT, "timed out")
     return left
-
-
-def _params(**kw: Any) -> dict[str, Any]:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-def _unwrap(msg: Reply) -> Reply:
-    """A reply's parameters, or its error raised as the matching lockd.errors class."""
-    if "error" in msg:
-        name, params = msg["error"], msg.get("parameters")
-        if not isinstance(name, str):
-            raise ProtocolError("error reply without an error name", reason="bad-reply")
-        raise from_wire(name, params if isinstance(params, dict) else None)
-    params = msg.get("parameters", {})
-    if not isinstance(params, dict):
-        raise ProtocolError("reply parameters are not an object", reason="bad-reply")
-    return params
-
-
-def _obj(reply: Reply, key: str) -> Reply:
-    value = reply.get(key)
-    if not isinstance(value, dict):
-        raise ProtocolError(f"reply has no object {key!r}", reason="bad-reply")
-    return value
-
-
-def _list(reply: Reply, key: str) -> list[Reply]:
-    value = reply.get(key)
-    if not isinstance(value, list):
-        raise ProtocolError(f"reply has no list {key!r}", reason="bad-reply")
-    return value
 
 
 class Attempts:
@@ -204,124 +172,6 @@ class _Conn:
         self.sock.close()
 
 
-@dataclass(frozen=True, slots=True)
-class Request(Generic[T]):
-    """One API call, sans-IO: the method, its parameters and how to read its reply."""
-
-    method: str
-    params: dict[str, Any]
-    read: Callable[[Reply], T]
-
-
-def _whole(reply: Reply) -> Reply:
-    return reply
-
-
-def _nothing(reply: Reply) -> None:
-    return None
-
-
-class requests:  # noqa: N801 - a namespace, used as ``requests.acquire(...)``
-    """The calls of the API, made once here for :class:`Client` and :class:`lockd.aio.Client`
-    (same parameters, same reading of the reply, same errors)."""
-
-    @staticmethod
-    def register(
-        pid: int, *, uuid: str | None, name: str | None, fence: str | None
-    ) -> Request[Reply]:
-        params = _params(pid=pid, uuid=uuid, name=name, fence=fence)
-        return Request("io.lockd.Register", params, lambda r: _obj(r, "owner"))
-
-    @staticmethod
-    def unregister(*, owner: str | None, pid: int | None) -> Request[None]:
-        return Request("io.lockd.Unregister", _params(owner=owner, pid=pid), _nothing)
-
-    @staticmethod
-    def acquire(
-        resource: str | os.PathLike[str],
-        *,
-        owner: str | None,
-        pid: int | None,
-        lockspace: str | None,
-        shared: bool,
-        token: int | None,
-    ) -> Request[Reply]:
-        params = _params(
-            resource=os.fspath(resource),
-            owner=owner,
-            pid=pid,
-            lockspace=lockspace,
-            mode="shared" if shared else "exclusive",
-            token=token,
-        )
-        return Request("io.lockd.Acquire", params, lambda r: _obj(r, "lease"))
-
-    @staticmethod
-    def release(
-        resource: str | os.PathLike[str],
-        *,
-        owner: str | None,
-        pid: int | None,
-        lockspace: str | None,
-    ) -> Request[Reply]:
-        params = _params(resource=os.fspath(resource), owner=owner, pid=pid, lockspace=lockspace)
-        return Request("io.lockd.Release", params, lambda r: _obj(r, "lease"))
-
-    @staticmethod
-    def release_all(*, owner: str | None, pid: int | None) -> Request[list[Reply]]:
-        params = _params(owner=owner, pid=pid)
-        return Request("io.lockd.ReleaseAll", params, lambda r: _list(r, "leases"))
-
-    @staticmethod
-    def inquire(*, owner: str | None, pid: int | None) -> Request[Reply]:
-        return Request("io.lockd.Inquire", _params(owner=owner, pid=pid), _whole)
-
-    @staticmethod
-    def watch(*, owner: str | None, pid: int | None) -> Call:
-        return Call("io.lockd.Watch", _params(owner=owner, pid=pid), more=True)
-
-    @staticmethod
-    def status() -> Request[Reply]:
-        return Request("io.lockd.Admin.Status", {}, lambda r: _obj(r, "status"))
-
-    @staticmethod
-    def list_leases(lockspace: str | None, owner: str | None) -> Request[list[Reply]]:
-        params = _params(lockspace=lockspace, owner=owner)
-        return Request("io.lockd.Admin.ListLeases", params, lambda r: _list(r, "leases"))
-
-    @staticmethod
-    def list_owners() -> Request[list[Reply]]:
-        return Request("io.lockd.Admin.ListOwners", {}, lambda r: _list(r, "owners"))
-
-    @staticmethod
-    def history(limit: int | None, owner: str | None, resource: str | None) -> Request[list[Reply]]:
-        params = _params(limit=limit, owner=owner, resource=resource)
-        return Request("io.lockd.Admin.History", params, lambda r: _list(r, "events"))
-
-    @staticmethod
-    def force_release(
-        resource: str | os.PathLike[str], lockspace: str | None, owner: str | None
-    ) -> Request[list[Reply]]:
-        params = _params(resource=os.fspath(resource), lockspace=lockspace, owner=owner)
-        return Request("io.lockd.Admin.ForceRelease", params, lambda r: _list(r, "leases"))
-
-    @staticmethod
-    def metrics() -> Request[Reply]:
-        return Request("io.lockd.Admin.Metrics", {}, lambda r: _obj(r, "metrics"))
-
-    @staticmethod
-    def get_info() -> Request[Reply]:
-        return Request("org.varlink.service.GetInfo", {}, _whole)
-
-    @staticmethod
-    def get_interface_description(interface: str) -> Request[str]:
-        return Request(
-            "org.varlink.service.GetInterfaceDescription",
-            {"interface": interface},
-            lambda r: str(r.get("description", "")),
-        )
-
-
 class Client:
     """A blocking connection to lockd (``io.lockd``; with ``admin=True`` ``io.lockd.Admin``).
 
@@ -379,7 +229,7 @@ class Client:
         if msg.get("continues") or not conn.idle:
             # more than one reply to a single call: the stream is out of step, start afresh
             self._drop(conn)
-        return _unwrap(msg)
+        return unwrap(msg)
 
     def _open(self, deadline: float) -> _Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -591,4 +441,4 @@ class Watch(Iterator[Reply]):
                 self._conn, msg = self._client._exchange(self._call, retry=True, stream=True)
         if not msg.get("continues"):
             self.close()
-        return _obj(_unwrap(msg), "event")
+        return reply_object(unwrap(msg), "event")
