@@ -29,12 +29,10 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 from lockd.calls import Reply, Request, reply_object, requests, unwrap
-from lockd.client import _TRANSIENT, MAX_REPLY, RECV_SIZE, Attempts
-from lockd.config import default_admin_socket, default_socket
+from lockd.client import _TRANSIENT, MAX_REPLY, RECV_SIZE, Attempts, endpoint
 from lockd.errors import ProtocolError
 from lockd.varlink import Call, Decoder
 
@@ -123,12 +121,7 @@ class Client:
         timeout: float = 30.0,
         admin: bool = False,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
-        if socket_path is None:
-            socket_path = default_admin_socket() if admin else default_socket()
-        self.socket_path = Path(socket_path)
-        self.timeout = float(timeout)
+        self.socket_path, self.timeout = endpoint(socket_path, timeout, admin)
         self._idle: list[_Conn] = []
         self._streams: set[_Conn] = set()
 

@@ -78,6 +78,19 @@ def _remaining(deadline: float | None) -> float | None:
     return left
 
 
+def endpoint(
+    socket_path: str | os.PathLike[str] | None, timeout: float, admin: bool
+) -> tuple[Path, float]:
+    """A client's socket and timeout from its arguments, the same for both clients: the path
+    given, else ``$LOCKD_SOCKET`` (``$LOCKD_ADMIN_SOCKET``) or the default; ValueError for a
+    timeout that is not > 0."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0, got {timeout!r}")
+    if socket_path is None:
+        socket_path = default_admin_socket() if admin else default_socket()
+    return Path(socket_path), float(timeout)
+
+
 class Attempts:
     """The retry policy of one call, sans-IO: shared by :class:`Client` and
     :class:`lockd.aio.Client`, so both give up, retry and back off alike."""
@@ -187,12 +200,7 @@ class Client:
         timeout: float = 30.0,
         admin: bool = False,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0, got {timeout!r}")
-        if socket_path is None:
-            socket_path = default_admin_socket() if admin else default_socket()
-        self.socket_path = Path(socket_path)
-        self.timeout = float(timeout)
+        self.socket_path, self.timeout = endpoint(socket_path, timeout, admin)
         self._conn: _Conn | None = None
         self._streams: set[_Conn] = set()
 
