@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lockd import cli, errors
+from lockd import cli, cli_output, errors
 
 LEASE = {
     "lockspace": "",
@@ -85,14 +85,14 @@ def test_output_columns_any_case_and_unknown(capsys: Any) -> None:
 
 
 def test_table_raw_and_noheadings() -> None:
-    cols = cli.select_columns("lockspace,resource,pid,since", cli.LEASE_COLUMNS)
+    cols = cli_output.select_columns("lockspace,resource,pid,since", cli_output.LEASE_COLUMNS)
     other = {**LEASE, "resource": "/r", "owner": {"uuid": "u", "name": "n", "pid": 31337}}
-    table = cli.render_table([LEASE, other], cols).splitlines()
+    table = cli_output.render_table([LEASE, other], cols).splitlines()
     assert table[0] == "LOCKSPACE RESOURCE           PID SINCE"  # PID right-aligned
     assert table[2].startswith("direct    /r               31337 ")
-    raw = cli.render_table([LEASE], cols, headings=False, raw=True)
+    raw = cli_output.render_table([LEASE], cols, headings=False, raw=True)
     assert raw.startswith("direct /images/vm\\x201.img 42 ") and "\\x20" in raw.split()[-1]
-    assert cli.escape("a\\b\nc", raw=True) == "a\\x5cb\\x0ac"
+    assert cli_output.escape("a\\b\nc", raw=True) == "a\\x5cb\\x0ac"
 
 
 def test_locks_table_and_json(fake: FakeClient, capsys: Any) -> None:
