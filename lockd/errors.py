@@ -142,3 +142,8 @@ class IllegalTransition(RuntimeError):
     (:meth:`lockd.leases.Lease.apply`). Nothing was changed. Here with the other exception
     classes, which stay interpreted Python when the hot modules are compiled (mypyc cannot
     make a builtin exception subclass a native class)."""
+
+
+class JournalUnreadable(ValueError):
+    """The file is not a lockd journal we can use (corrupt, foreign, or from a newer lockd).
+    Never on the wire: the daemon refuses to start (lockd.journal, lockd.migrations)."""

@@ -1,4 +1,4 @@
-"""The journal: one SQLite file, the only module that speaks SQL.
+"""The journal: one SQLite file; the only module that speaks SQL (with lockd/migrations.py).
 
 Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases
 keyed by token, a meta key/value table) that recovery reads whole; ``grants``, each owner's
@@ -22,11 +22,11 @@ recovery grows with the operations ever done.
   batch runs as one ``executemany`` per statement rather than one call per request, and its
   events (the pseudo-statement :data:`EVENT`) as one history row.
 - Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
-  :class:`~sqlite_utils.migrations.Migrations`, in a child process and only when one is
-  pending (its import alone costs more time than recovering thousands of leases, and more
-  memory than 2,000 leases); a journal carrying a migration this build does not know was
-  written by a newer lockd and is refused (never downgraded in place). Transactions are
-  plain ``BEGIN``/``COMMIT`` on the connection.
+  :class:`~sqlite_utils.migrations.Migrations` (:mod:`lockd.migrations`), in a child process
+  and only when one is pending (its import alone costs more time than recovering thousands of
+  leases, and more memory than 2,000 leases); a journal carrying a migration this build does
+  not know was written by a newer lockd and is refused (never downgraded in place).
+  Transactions are plain ``BEGIN``/``COMMIT`` on the connection.
 
 The fencing sequence is ``meta.last_token``: the server allocates tokens in memory and the
 batch that grants them stores the new maximum in the same transaction, so a token that was
@@ -40,8 +40,6 @@ import itertools
 import operator
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -51,13 +49,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from lockd import migrations
 from lockd.errors import JournalError
+from lockd.errors import JournalUnreadable as JournalUnreadable  # importable from here, as before
+from lockd.migrations import PAGE_SIZE
 
 if TYPE_CHECKING:
     from lockd.leases import Lease
 
-MIGRATION_SET = "lockd"
-PAGE_SIZE = 1024  # for new journals: see Journal.__init__
 
 # One journal write: a statement and its parameters. The daemon's hot path builds these with
 # the functions below and hands a batch of them to Journal.commit, which runs each run of the
@@ -199,95 +198,6 @@ _OWNER_COLUMNS = (
 )
 
 
-class JournalUnreadable(ValueError):
-    """The file is not a lockd journal we can use (corrupt, foreign, or from a newer lockd)."""
-
-
-# lockd is installed as files (setuptools, never zipped): the schema is beside this module.
-# (importlib.resources would say the same and cost ~3 ms of every start to import.)
-SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
-
-
-def _migration_files() -> list[tuple[str, str]]:
-    names = sorted(p.name for p in SCHEMA_DIR.iterdir() if p.name.endswith(".sql"))
-    return [(n.removesuffix(".sql"), (SCHEMA_DIR / n).read_text()) for n in names]
-
-
-def _apply_migrations(conn: sqlite3.Connection, pending: set[str]) -> None:
-    # sqlite-utils is imported only here, in the migrating child: it costs ~0.1-0.25 s of
-    # start-up, which every restart after a crash would pay, and ~3 MB that would stay.
-    import sqlite_utils
-    from sqlite_utils.migrations import Migrations
-
-    migrations = Migrations(MIGRATION_SET)
-    for name, sql in _migration_files():
-        if name not in pending:
-            continue
-
-        def apply(db: sqlite_utils.Database, sql: str = sql) -> None:
-            # executescript would COMMIT the migration's transaction; run statement by
-            # statement instead so the migration and its record commit together.
-            statement = ""
-            for line in sql.splitlines(keepends=True):
-                statement += line
-                # complete_statement knows comments and strings: a ';' in them ends nothing
-                if sqlite3.complete_statement(statement):
-                    db.execute(statement)
-                    statement = ""
-
-        migrations(name=name)(apply)
-    migrations.apply(sqlite_utils.Database(conn))
-
-
-def _migrate_in_child(path: Path, pending: set[str]) -> None:
-    """Apply migrations in a short-lived child process (:func:`_migrate_main`).
-
-    sqlite-utils, and what it imports (click, dateutil, ctypes, ...), would otherwise stay
-    in the daemon's memory for good after its first start: ~3 MB of RSS for a step taken
-    once per schema change. The child creates a new journal with the daemon's page size and
-    in WAL mode; the daemon opens the file only once the child is gone (it then holds the
-    file's lock for its whole life)."""
-    proc = subprocess.run(
-        # -c, not -m lockd.journal: runpy cannot run a module compiled with mypyc
-        [sys.executable, "-c", _MIGRATE_CHILD, str(path), *sorted(pending)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise JournalUnreadable(f"cannot migrate the lockd journal {path}: {lines[-1]}")
-
-
-_MIGRATE_CHILD = "import sys; from lockd.journal import _migrate_main; sys.exit(_migrate_main())"
-
-
-def _migrate_main(argv: list[str] | None = None) -> int:
-    """The child of :func:`_migrate_in_child`: PATH MIGRATION..."""
-    if argv is None:
-        argv = sys.argv[1:]
-    conn = sqlite3.connect(argv[0], isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        _apply_migrations(conn, set(argv[1:]))
-    finally:
-        conn.close()
-    return 0
-
-
-def _applied(conn: sqlite3.Connection) -> set[str]:
-    """Names of the migrations recorded in the journal (sqlite-utils' own table)."""
-    if not conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'"
-    ).fetchone():
-        return set()
-    rows = conn.execute(
-        "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATION_SET,)
-    )
-    return {str(r[0]) for r in rows}
-
-
 LEASE_COLUMNS = (
     "token",
     "owner",
@@ -365,20 +275,20 @@ class Journal:
                 uri = f"file:{path}?mode=ro" + ("" if wal else "&immutable=1")
                 conn = sqlite3.connect(uri, uri=True)
             else:
-                pending = {name for name, _ in _migration_files()}
+                pending = migrations.known()
                 if path.exists() and path.stat().st_size:
                     # Judge an existing file read-only first: a journal we refuse (newer,
                     # foreign, corrupt) must be left byte for byte as it was, and switching
                     # it to WAL or closing a writer on it would already rewrite it.
                     judged = Journal(path, readonly=True)
-                    pending = judged._check_known()
+                    pending = migrations.pending(judged.conn, path)
                     judged.close()
                 if pending:
-                    _migrate_in_child(path, pending)
+                    migrations.migrate_in_child(path, pending)
                 conn = sqlite3.connect(str(path))
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
-            self.conn = conn
+            self.conn: sqlite3.Connection = conn
             self.next_seq = 1  # the number of the next history event (set once migrated)
             if not readonly:
                 # A commit writes every page it touched, whole, to the WAL: a grant touches a
@@ -409,7 +319,7 @@ class Journal:
                 self._migrate()
                 self.next_seq = self._read_next_seq()
             else:
-                self._check_known()
+                migrations.pending(conn, path)
                 # corruption a schema read does not touch (a page of a table) shows here
                 if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise JournalUnreadable(f"{path} is corrupt (PRAGMA quick_check)")
@@ -425,22 +335,8 @@ class Journal:
             raise JournalUnreadable(f"cannot use the lockd journal {path}: {exc}") from None
 
     # -- schema -------------------------------------------------------------------------
-    def _check_known(self) -> set[str]:
-        """The known migrations not yet applied; refuses a journal from a newer lockd."""
-        known = {name for name, _ in _migration_files()}
-        applied = _applied(self.conn)
-        newer = sorted(applied - known)
-        if newer:
-            raise JournalUnreadable(
-                f"{self.path} was written by a newer lockd (schema {', '.join(newer)}); "
-                "refusing to use it"
-            )
-        if not applied and self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise JournalUnreadable(f"{self.path} is an SQLite file, but not a lockd journal")
-        return known - applied
-
     def _migrate(self) -> None:
-        pending = self._check_known()
+        pending = migrations.pending(self.conn, self.path)
         if pending:  # the child said it applied them; it did not
             raise JournalUnreadable(f"{self.path}: migrations {sorted(pending)} not applied")
         if self.get_meta("created_at") is None:
@@ -670,7 +566,3 @@ def dump(state_dir: Path, history: int = 50) -> dict[str, Any]:
             }
     finally:
         journal.close()
-
-
-if __name__ == "__main__":
-    sys.exit(_migrate_main(sys.argv[1:]))
