@@ -40,15 +40,20 @@ PAGE_SIZE = 1024  # for new journals: see Journal.__init__
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 
 
+def _names() -> list[str]:
+    sql_files = sorted(p.name for p in SCHEMA_DIR.iterdir() if p.name.endswith(".sql"))
+    return [n.removesuffix(".sql") for n in sql_files]
+
+
 def files() -> list[tuple[str, str]]:
     """(name, SQL) of every migration this build has, in the order they apply."""
-    names = sorted(p.name for p in SCHEMA_DIR.iterdir() if p.name.endswith(".sql"))
-    return [(n.removesuffix(".sql"), (SCHEMA_DIR / n).read_text()) for n in names]
+    return [(n, (SCHEMA_DIR / f"{n}.sql").read_text()) for n in _names()]
 
 
 def known() -> set[str]:
-    """The names of the migrations this build has."""
-    return {name for name, _ in files()}
+    """The names of the migrations this build has (every start asks, up to three times:
+    the names only, the SQL is read only by the migrating child)."""
+    return set(_names())
 
 
 def applied(conn: sqlite3.Connection) -> set[str]:
