@@ -249,19 +249,7 @@ def _lease_wire(row: sqlite3.Row | tuple[Any, ...]) -> dict[str, Any]:
 
 def _event_wire(seq: int, at: float, fields: list[Any]) -> dict[str, Any]:
     """One history event as the wire shows it: its number, its batch's time, its fields."""
-    event, lockspace, resource, owner, pid, token, mode, reason = fields
-    return {
-        "seq": seq,
-        "at": at,
-        "event": event,
-        "lockspace": lockspace,
-        "resource": resource,
-        "owner": owner,
-        "pid": pid,
-        "token": token,
-        "mode": mode,
-        "reason": reason,
-    }
+    return {"seq": seq, "at": at, **dict(zip(EVENT_FIELDS, fields, strict=True))}
 
 
 class Journal:
