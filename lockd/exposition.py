@@ -79,7 +79,9 @@ class _Snapshot(Collector):
         )
         yield CounterMetricFamily(
             "lockd_leases_lost",
-            "leases found taken by another holder when this process recovered",
+            "leases that became lost: at this process's recovery (taken by another holder in"
+            " the gap, or not lockable again) or while it ran (a shared filesystem dropped the"
+            " lock)",
             value=c["lost"],
         )
         yield CounterMetricFamily(

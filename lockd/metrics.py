@@ -45,7 +45,9 @@ class Counters:
     owner_releases: int = 0  # released because their owner process died
     force_releases: int = 0  # released by an administrator (ForceRelease)
     conflicts: int = 0  # Acquire answered ResourceBusy
-    lost: int = 0  # leases found taken by another holder at this process's recovery
+    # leases that became lost: at this process's recovery (recovery.Report.lost) or while it
+    # ran (a shared filesystem dropped the lock: LockService.lease_lost)
+    lost: int = 0
     fenced: int = 0  # owners signalled by their fence policy
 
 
