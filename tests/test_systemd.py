@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import sd_harness as sd
 from e2e import Conn, hold_lock, is_free, message, probe, probe_setlk_elsewhere
+from measured import Figures, printed_at_end
 
 SERVICE = sd.SERVICE
 N_MANY = 1_000
@@ -42,30 +43,9 @@ N_HUGE = 10_000
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-class Figures:
-    """Measured numbers, printed together at the end of the module."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        print(line)
-
-
 @pytest.fixture(scope="module")
 def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
-    f = Figures()
-    yield f
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not f.lines:
-        return
-    with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
-        reporter.write_line("")
-        reporter.write_sep("-", "lockd under systemd: measured")
-        for line in f.lines:
-            reporter.write_line(line)
+    yield from printed_at_end(request, "lockd under systemd: measured")
 
 
 def _require_systemd() -> None:
