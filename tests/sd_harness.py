@@ -326,6 +326,17 @@ class Manager:
             ready_at=int(s["ActiveEnterTimestampMonotonic"]) / 1e6,
         )
 
+    def kill_observed(
+        self, files: Sequence[str | os.PathLike[str]], sig: int
+    ) -> tuple[Restart, Observation]:
+        """:meth:`kill_and_wait` while an :class:`Observer` sweeps ``files``, from 50 ms
+        before the signal to 50 ms after the restart: what another process saw meanwhile."""
+        with Observer(files) as obs:
+            time.sleep(0.05)
+            restart = self.kill_and_wait(sig)
+            time.sleep(0.05)
+            return restart, obs.stop()
+
     def diagnose(self) -> str:
         try:
             status = self.systemctl("status", SERVICE, "-n", "0", check=False)

@@ -637,11 +637,7 @@ def test_units_as_deployed_under_the_system_manager(
         uuid = json.loads(m.run_inside(lockctl, "owners", "-J").stdout)["owners"][0]["uuid"]
         assert all(not is_free(p) for p in files)
         assert int(m.prop(SERVICE, "NFileDescriptorStore")) == 3
-        with sd.Observer(files) as obs:
-            time.sleep(0.05)
-            r = m.kill_and_wait(signal.SIGABRT)
-            time.sleep(0.05)
-            seen = obs.stop()
+        r, seen = m.kill_observed(files, signal.SIGABRT)
         assert seen.free == 0, seen.free_examples
         leases = json.loads(m.run_inside(lockctl, "locks", "-J").stdout)["leases"]
         assert {x["resource"]: (x["token"], x["continuity"]) for x in leases} == {
@@ -711,11 +707,7 @@ def test_virtlockd_socket_under_the_system_manager(
             assert c.acquire(files[0]).ok
             assert c.acquire(files[1], flags=vl.SHARED).ok
         assert int(m.prop(SERVICE, "NFileDescriptorStore")) == 3
-        with sd.Observer(files) as obs:
-            time.sleep(0.05)
-            r = m.kill_and_wait(signal.SIGABRT)
-            time.sleep(0.05)
-            seen = obs.stop()
+        r, seen = m.kill_observed(files, signal.SIGABRT)
         assert seen.free == 0, seen.free_examples
         leases = json.loads(m.run_inside(lockctl, "locks", "-J").stdout)["leases"]
         got = {x["resource"]: (x["owner"]["name"], x["mode"], x["continuity"]) for x in leases}
