@@ -29,6 +29,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from errno import ECONNRESET
 from typing import Any, TypeVar
 
 from lockd.calls import Reply, Request, reply_object, requests, unwrap
@@ -59,7 +60,7 @@ class _Conn:
         loop = asyncio.get_running_loop()
         while not self.inbox:
             recv: asyncio.Future[Any] = asyncio.ensure_future(loop.sock_recv(self.sock, RECV_SIZE))
-            timeout = None if tries is None else max(0.0, tries.deadline - _now())
+            timeout = None if tries is None else max(0.0, tries.deadline - time.monotonic())
             waiting: set[asyncio.Future[Any]] = {recv, self.closing}
             try:
                 done, _ = await asyncio.wait(
@@ -79,7 +80,7 @@ class _Conn:
                 raise TimeoutError
             data = recv.result()
             if not data:
-                raise ConnectionResetError(104, "lockd closed the connection")
+                raise ConnectionResetError(ECONNRESET, "lockd closed the connection")
             self.inbox.extend(self.decoder.feed(data))
         return self.inbox.popleft()
 
@@ -97,15 +98,11 @@ class _Closed(Exception):
     """The connection was closed by Client.close() (a Watch ends)."""
 
 
-def _now() -> float:
-    return time.monotonic()
-
-
 def _loop_deadline(tries: Attempts) -> float:
     # Attempts counts in time.monotonic(); the loop in loop.time() (also monotonic, but not
     # necessarily the same origin)
     loop = asyncio.get_running_loop()
-    return loop.time() + max(0.0, tries.deadline - _now())
+    return loop.time() + max(0.0, tries.deadline - time.monotonic())
 
 
 class Client:
