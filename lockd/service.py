@@ -390,7 +390,7 @@ class LockService:
         except JournalError:
             self.table.add_owner(owner)
             if not self.watch_owner(owner):
-                self.loop.create_task(self.owner_died(owner, "owner exited"))
+                self.owner_gone(owner, "owner exited")  # one death per owner, as elsewhere
             raise
 
     # -- acquire --------------------------------------------------------------------------
