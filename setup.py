@@ -28,6 +28,7 @@ MYPYC_MODULES = (
     "journal",
     "groupcommit",
     "service",
+    "owners",  # LockService's base class: a native class needs native bases
     "server",
     "recovery",
 )

@@ -34,12 +34,15 @@ Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or i
 ``lost``); ``token`` values only grow; a request of a non-root peer touches only owners of
 its own uid.
 
+Owners (register, find_owner, the pidfd watch, unregister, fence, Watch's queues) are the
+service's other half, :class:`lockd.owners.Owners`, which LockService inherits: the methods
+are the service's, the code is there. Owner death stays here: it is a release, in the order
+above.
+
 General capabilities that the libvirt drop-in (virtlockd_server.py) needed, added here
 because any front end may use them (nothing here knows virtlockd's protocol):
 - ``register`` of a uuid whose process has exited but whose death is not processed yet
-  first finishes that death (``owner_gone``, one task per owner), then registers the new
-  process: a VM manager restarts a VM under the same uuid at once. An owner may carry the
-  manager's own number for it (``domain_id``), journaled and listed.
+  (lockd/owners.py); an owner's ``domain_id``.
 - ``held_by`` / ``holders``: who holds a resource, for a protocol whose answers depend on it
   (virtlockd tells "not locked" from "held by another owner").
 - ``add_lockspace``: a named lockspace (lease files named by the client, lockspace.py)
@@ -51,17 +54,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
-import uuid as uuidlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lockd import failpoint, ofd, process
-from lockd.config import FENCE_POLICIES, Config
+from lockd.config import Config
 from lockd.errors import (
-    InvalidParameter,
     JournalError,
     LeaseLost,
     LimitExceeded,
@@ -83,7 +83,6 @@ from lockd.journal import (
     owner_event,
     put_grant,
     put_lockspace,
-    put_owner,
     set_lease_state,
     touch_grant,
 )
@@ -91,13 +90,11 @@ from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
 from lockd.metrics import Counters
 from lockd.notify import FdStore
+from lockd.owners import Owners
 
 log = logging.getLogger("lockd")
 
 MODES = ("exclusive", "shared")
-# Owner uuids derived from (boot id, pid, start time) live in this namespace, so registering
-# one process twice without a uuid names the same owner.
-OWNER_NAMESPACE = uuidlib.UUID("6c0c4a0e-7d5b-4c8e-9a51-0f3c1d2b9e77")
 
 
 def _log_lease(template: str, lease: Lease, event: str) -> None:
@@ -131,7 +128,10 @@ def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
     return {**fields, "state": "released"}
 
 
-class LockService:
+class LockService(Owners):
+    """The one lock service (see the module docstring); its owner side is
+    :class:`lockd.owners.Owners`."""
+
     def __init__(
         self,
         config: Config,
@@ -160,166 +160,7 @@ class LockService:
         # raises to refuse it (lockd/sharedfs.py: storage that can drop a lock silently)
         self.admit_indirect: Callable[[str], None] | None = None
 
-    # -- owners ---------------------------------------------------------------------------
-    def find_owner(self, owner: str | None, pid: int | None, peer: process.Peer) -> Owner:
-        if (owner is None) == (pid is None):
-            raise InvalidParameter("give exactly one of owner (uuid) and pid", parameter="owner")
-        found = (
-            self.table.owners.get(owner) if owner is not None else self.table.by_pid.get(pid or 0)
-        )
-        if found is None:
-            raise NoSuchOwner(owner=owner if owner is not None else str(pid))
-        if not peer.root and found.uid != peer.uid:
-            raise PermissionDenied(
-                "owner belongs to another user", reason="owner belongs to another user"
-            )
-        return found
-
-    async def register(
-        self,
-        pid: int,
-        uuid: str | None,
-        name: str | None,
-        fence: str | None,
-        peer: process.Peer,
-        domain_id: int | None = None,
-    ) -> Owner:
-        """Register (or find again) the owner ``uuid`` for process ``pid``.
-
-        An owner whose process has exited but whose death is not processed yet (its pidfd's
-        readiness still queued) does not block a new process under the same uuid: the old
-        one's leases are released first, then the new one registers. That is a VM restarted
-        at once with the same uuid, which a VM manager does all the time.
-        ``domain_id``: the VM manager's own number for the owner (libvirt's domain id)."""
-        if fence is not None and fence not in FENCE_POLICIES:
-            raise InvalidParameter("fence must be kill, term or none", parameter="fence")
-        start = process.start_time(pid)
-        if start is None or pid <= 1:
-            raise NoSuchOwner(f"no process {pid}", owner=str(pid))
-        uid = process.uid_of(pid)
-        if uid is None:
-            raise NoSuchOwner(f"no process {pid}", owner=str(pid))
-        if not peer.root and uid != peer.uid:
-            raise PermissionDenied(
-                f"process {pid} belongs to another user", reason="process of another user"
-            )
-        boot = process.boot_id()
-        by_pid = self.table.by_pid.get(pid)
-        if by_pid is not None and by_pid.start_time != start:
-            by_pid = None  # a stale entry: its death is being processed
-        if uuid is None:
-            uuid = (
-                by_pid.uuid
-                if by_pid
-                else str(uuidlib.uuid5(OWNER_NAMESPACE, f"{boot}:{pid}:{start}"))
-            )
-        else:
-            try:
-                uuid = str(uuidlib.UUID(uuid))
-            except ValueError:
-                raise InvalidParameter("uuid is not a UUID", parameter="uuid") from None
-        existing = self.table.owners.get(uuid)
-        if (
-            existing is not None
-            and (existing.pid != pid or existing.start_time != start)
-            and not process.is_same_process(existing.pid, existing.start_time, existing.boot_id)
-        ):
-            await asyncio.shield(self.owner_gone(existing, "owner exited"))
-            return await self.register(pid, uuid, name, fence, peer, domain_id)
-        if existing is not None:
-            if existing.pid != pid or existing.start_time != start:
-                raise InvalidParameter(
-                    f"owner {uuid} is registered to another process (pid {existing.pid})",
-                    parameter="uuid",
-                )
-            pending = self._registering.get(uuid)
-            if pending is not None:  # its first registration is still being journaled
-                await asyncio.shield(pending)
-                return await self.register(pid, uuid, name, fence, peer, domain_id)
-            changed = (
-                (name is not None and name != existing.name)
-                or (fence is not None and fence != existing.fence)
-                or (domain_id is not None and domain_id != existing.domain_id)
-            )
-            if changed:  # re-registering may rename the owner or change its fence policy
-                existing.name = name if name is not None else existing.name
-                existing.fence = fence if fence is not None else existing.fence
-                if domain_id is not None:
-                    existing.domain_id = domain_id
-                await self.commit.submit(put_owner(existing.row()))
-            return existing
-        if by_pid is not None:
-            raise InvalidParameter(
-                f"process {pid} is already registered as owner {by_pid.uuid}", parameter="pid"
-            )
-        if len(self.table.owners) >= self.config.max_owners:
-            raise LimitExceeded(limit="owners", value=self.config.max_owners)
-        owner = Owner(
-            uuid=uuid,
-            name=name if name is not None else f"pid-{pid}",
-            pid=pid,
-            uid=uid,
-            start_time=start,
-            boot_id=boot,
-            fence=fence or self.config.default_fence,
-            registered_at=time.time(),
-            domain_id=domain_id,
-        )
-        if not self.watch_owner(owner):
-            raise NoSuchOwner(f"process {pid} exited while registering", owner=str(pid))
-        self.table.add_owner(owner)
-        self._registering[uuid] = self.loop.create_future()
-        try:
-            await self.commit.submit(
-                put_owner(owner.row()),
-                owner_event("register", uuid, pid, owner.name),
-            )
-        except JournalError:
-            self.forget_owner(owner)
-            raise
-        finally:
-            done = self._registering.pop(uuid)
-            done.set_result(None)
-        log.info(
-            "registered owner %s pid %d",
-            owner.name,
-            pid,
-            extra={"LOCKD_OWNER": uuid, "LOCKD_EVENT": "register"},
-        )
-        return owner
-
-    def watch_owner(self, owner: Owner) -> bool:
-        """Open a pidfd for the owner and watch it. False if it is already gone."""
-        pidfd = process.open_pidfd(owner.pid)
-        # the start time is checked after pidfd_open: if it still matches, the pidfd is ours
-        if pidfd is None or process.start_time(owner.pid) != owner.start_time:
-            if pidfd is not None:
-                os.close(pidfd)
-            return False
-        owner.pidfd = pidfd
-        self.loop.add_reader(pidfd, self._owner_exited, owner)
-        return True
-
-    def forget_owner(self, owner: Owner) -> None:
-        self.table.remove_owner(owner)
-        if owner.pidfd is not None:
-            self.loop.remove_reader(owner.pidfd)
-            os.close(owner.pidfd)
-            owner.pidfd = None
-
-    def _owner_exited(self, owner: Owner) -> None:
-        if owner.pidfd is not None:
-            self.loop.remove_reader(owner.pidfd)
-        self.owner_gone(owner, "owner exited")
-
-    def owner_gone(self, owner: Owner, reason: str) -> asyncio.Task[None]:
-        """Start releasing a dead owner's leases (once: a second call gets the same task)."""
-        if owner.dying is None:
-            if owner.pidfd is not None:
-                self.loop.remove_reader(owner.pidfd)
-            owner.dying = self.loop.create_task(self.owner_died(owner, reason))
-        return owner.dying
-
+    # -- owner death (the rest of an owner's life: lockd/owners.py) ------------------------
     async def owner_died(self, owner: Owner, reason: str) -> None:
         """Release every lease of a dead owner (commit first, then drop the kernel locks)."""
         self.forget_owner(owner)  # no new request can name it from here on
@@ -367,31 +208,6 @@ class LockService:
                 "reason": reason,
             },
         )
-
-    async def unregister(self, owner: Owner) -> None:
-        """Forget an owner that holds no lease (what lockctl does when the Acquire that
-        followed its Register failed). An owner with leases is refused: leases end only by
-        a release, the owner's death or an administrator, never as a side effect."""
-        pending = self._registering.get(owner.uuid)
-        if pending is not None:
-            await asyncio.shield(pending)
-        if owner.uuid not in self.table.owners:
-            raise NoSuchOwner(owner=owner.uuid)
-        if owner.leases:
-            raise InvalidParameter(
-                f"owner {owner.uuid} holds {len(owner.leases)} leases; release them first",
-                parameter="owner",
-            )
-        self.forget_owner(owner)  # no await before this: no acquire can slip in between
-        try:
-            await self.commit.submit(
-                *delete_owner(owner.uuid), owner_event("unregister", owner.uuid, owner.pid, None)
-            )
-        except JournalError:
-            self.table.add_owner(owner)
-            if not self.watch_owner(owner):
-                self.owner_gone(owner, "owner exited")  # one death per owner, as elsewhere
-            raise
 
     # -- acquire --------------------------------------------------------------------------
     async def acquire(
@@ -781,54 +597,3 @@ class LockService:
         """Wait until a lease in flight settled, then start the request over."""
         await asyncio.shield(settled)
         return await nowait(*args)
-
-    # -- fencing and watchers -------------------------------------------------------------
-    def fence(self, owner: Owner, leases: Iterable[Lease]) -> None:
-        names = ", ".join(lease.resource for lease in leases)
-        if owner.fence == "none":
-            log.warning(
-                "owner %s pid %d lost leases (%s); fence policy none",
-                owner.name,
-                owner.pid,
-                names,
-                extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "lost"},
-            )
-            return
-        sig = signal.SIGKILL if owner.fence == "kill" else signal.SIGTERM
-        sent = process.signal_owner(owner.pidfd, owner.pid, owner.start_time, sig)
-        self.counters.fenced += sent
-        log.warning(
-            "owner %s pid %d lost leases (%s): sent %s",
-            owner.name,
-            owner.pid,
-            names,
-            sig.name if sent else "nothing (already gone)",
-            extra={"LOCKD_OWNER": owner.uuid, "LOCKD_EVENT": "fence"},
-        )
-        if sent and sig == signal.SIGTERM:
-            self.loop.call_later(
-                self.config.fence_grace,
-                lambda: (
-                    owner.uuid in self.table.owners
-                    and process.signal_owner(
-                        owner.pidfd, owner.pid, owner.start_time, signal.SIGKILL
-                    )
-                ),
-            )
-
-    def subscribe(self, owner: Owner) -> asyncio.Queue[dict[str, Any]]:
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1024)
-        self.watchers.setdefault(owner.uuid, set()).add(q)
-        return q
-
-    def unsubscribe(self, owner: Owner, q: asyncio.Queue[dict[str, Any]]) -> None:
-        subs = self.watchers.get(owner.uuid)
-        if subs is not None:
-            subs.discard(q)
-            if not subs:
-                del self.watchers[owner.uuid]
-
-    def publish(self, owner: Owner, event: dict[str, Any]) -> None:
-        for q in self.watchers.get(owner.uuid, ()):
-            if not q.full():  # a watcher that does not read loses events, not our memory
-                q.put_nowait(event)
