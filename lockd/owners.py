@@ -213,7 +213,8 @@ class Owners:
                 os.close(pidfd)
             return False
         owner.pidfd = pidfd
-        self.loop.add_reader(pidfd, self._owner_exited, owner)
+        # readable once the process exited: start its death (owner_gone removes this reader)
+        self.loop.add_reader(pidfd, self.owner_gone, owner, "owner exited")
         return True
 
     def forget_owner(self, owner: Owner) -> None:
@@ -222,11 +223,6 @@ class Owners:
             self.loop.remove_reader(owner.pidfd)
             os.close(owner.pidfd)
             owner.pidfd = None
-
-    def _owner_exited(self, owner: Owner) -> None:
-        if owner.pidfd is not None:
-            self.loop.remove_reader(owner.pidfd)
-        self.owner_gone(owner, "owner exited")
 
     def owner_gone(self, owner: Owner, reason: str) -> asyncio.Task[None]:
         """Start releasing a dead owner's leases (once: a second call gets the same task)."""
