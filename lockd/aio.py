@@ -167,7 +167,8 @@ class Client:
 
     async def _exchange(self, call: Call, *, retry: bool, stream: bool) -> tuple[_Conn, Reply]:
         """Send ``call`` and return its connection and first reply, riding over restarts:
-        the loop of :meth:`lockd.client.Client._exchange`, with the same Attempts."""
+        the loop of :meth:`lockd.client.Client._exchange`, with the same Attempts (which
+        decides what each failure means)."""
         data = call.encode()
         tries = Attempts(self.socket_path, self.timeout, call)
         while True:
@@ -183,22 +184,13 @@ class Client:
                 await conn.send(data, tries)
                 sent = True
                 return conn, await conn.receive(tries)
-            except TimeoutError:
+            except BaseException as exc:
+                # the connection goes, whatever failed (cancelled too): a reply may still
+                # come on it and must not be taken for the answer to another call
                 self._drop(conn)
-                raise tries.timed_out(sent) from None
-            except ProtocolError:
-                self._drop(conn)
-                raise
-            except OSError as exc:
-                self._drop(conn)
-                tries.failed(exc, sent, retry)
+                tries.after_failure(exc, sent, retry)
                 if reused:
                     continue  # a kept connection broke: lockd restarted since the last call
-            except BaseException:
-                # cancelled (or worse): a reply may still come on this connection and must
-                # not be taken for the answer to another call
-                self._drop(conn)
-                raise
             await asyncio.sleep(tries.backoff())
 
     def _drop(self, conn: _Conn | None) -> None:

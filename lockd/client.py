@@ -108,6 +108,17 @@ class Attempts:
             "connected, no reply" if sent else (self.last or "connect timed out")
         )
 
+    def after_failure(self, exc: BaseException, sent: bool, retry: bool) -> None:
+        """An attempt failed (its connection is dropped): raise what the caller gets, or
+        return to try again. A timeout is DaemonUnreachable; a connection failure is judged
+        by :meth:`failed`; anything else (a ProtocolError, KeyboardInterrupt, a task's
+        cancellation) goes to the caller as it is."""
+        if isinstance(exc, TimeoutError):
+            raise self.timed_out(sent) from None
+        if not isinstance(exc, OSError):
+            raise exc
+        self.failed(exc, sent, retry)
+
     def failed(self, exc: OSError, sent: bool, retry: bool) -> None:
         """Raise what ``exc`` means for the caller, or note it and return (retry)."""
         denied = isinstance(exc, PermissionError)
@@ -281,24 +292,15 @@ class Client:
                 conn.send(data, tries.deadline)
                 sent = True
                 return conn, conn.receive(tries.deadline)
-            except TimeoutError:
+            except BaseException as exc:
+                # the connection goes, whatever failed: after a timeout or KeyboardInterrupt
+                # the reply may still come and would be taken for the answer to the next call
                 self._drop(conn)
-                raise tries.timed_out(sent) from None
-            except ProtocolError:
-                self._drop(conn)
-                raise
-            except OSError as exc:
-                self._drop(conn)
-                tries.failed(exc, sent, retry)
+                tries.after_failure(exc, sent, retry)
                 if reused:
                     # a connection kept from an earlier call broke: lockd restarted in
                     # between, and a new one may answer at once
                     continue
-            except BaseException:
-                # KeyboardInterrupt and the like: the reply may still come and would be
-                # taken for the answer to the next call
-                self._drop(conn)
-                raise
             time.sleep(tries.backoff())
 
     # -- io.lockd -------------------------------------------------------------------------------
