@@ -486,7 +486,7 @@ def _translate(exc: LockdError, name: str, create: bool = False) -> Refused:
         return _refuse(
             ERR_RESOURCE_BUSY,
             FROM_LOCKSPACE,
-            f"Lockspace resource '{name}' was lost while lockd was down",
+            f"Lockspace resource '{name}' was lost (lockctl history says why)",
         )
     if isinstance(exc, InvalidResource):
         code = _ERRNO_OF_REASON.get(str(exc.parameters.get("reason", "")))
