@@ -18,6 +18,20 @@ Theory of operation: three views of the same leases, taken from outside the daem
 The daemon's view is read before and after the others; if it changed (a request was served
 in between) everything is read again, a few times, so a busy daemon is not reported as drift.
 
+Locks the kernel keeps no record of: a FUSE filesystem that arbitrates locks itself (a
+GlusterFS mount: the brick holds them) gets each lock request from the kernel and answers it;
+the kernel then lists the lock neither in the fd's ``fdinfo`` nor in ``/proc/locks``
+(fs/fuse/file.c, ``fuse_file_lock``; seen here with GlusterFS 10.3). For a held lease whose fd
+shows no lock and is on a FUSE filesystem (its device number in lockd's mountinfo: not the
+fd's ``mnt_id``, since an fd handed back by systemd's fd store may come from another mount
+namespace of an earlier instance), what the filesystem answers stands in for the kernel's
+record (``remote`` in the report counts such leases): the fd must still be the lease's file,
+another open file description must see the lease's mode (``probe``), and for an exclusive
+lease the holder the filesystem names (classic ``F_GETLK``, :func:`lockd.ofd.holder_pid`)
+must be lockd's own pid (``lock-missing`` names the other one). What that cannot see: which
+of several shared holders is lockd, a lock held there for no lease (``orphan-lock``), and a
+holder on another host whose pid number happens to be lockd's.
+
 Drift, each finding named (exit status 7 from lockctl when there is any):
 
 - ``fd-missing``: a held lease with no fd, or an fd the daemon does not have open;
@@ -125,6 +139,34 @@ def fd_locks(pid: int) -> dict[int, list[Lock]]:
     return out
 
 
+# FUSE filesystems: the kernel passes their locks to the FUSE server and records none itself
+FUSE_FSTYPES = ("fuse", "fuseblk")
+
+
+def is_fuse(fstype: str) -> bool:
+    return fstype in FUSE_FSTYPES or fstype.startswith("fuse.")
+
+
+def mount_types(pid: int) -> dict[int, str]:
+    """Device number -> filesystem type of every mount in ``/proc/PID/mountinfo`` (proc(5));
+    empty if it cannot be read."""
+    out: dict[int, str] = {}
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            text = f.read()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 3 or not tail:
+            continue
+        major, _, minor = fields[2].partition(":")
+        if major.isdigit() and minor.isdigit():
+            out[os.makedev(int(major), int(minor))] = tail[0]
+    return out
+
+
 def unit_of(pid: int) -> tuple[str, bool] | None:
     """(unit, under a user manager) from ``/proc/PID/cgroup``; None outside a service."""
     try:
@@ -174,6 +216,8 @@ class Report:
     held: int = 0
     locks: int = 0  # OFD locks on byte 0 held by the daemon's fds
     fd_store: int | None = None  # systemd's count, when the store is in use
+    # held leases on a FUSE filesystem, checked by its answers (module docstring)
+    remote: int = 0
     findings: list[Finding] = field(default_factory=list)
 
     def wire(self) -> dict[str, Any]:
@@ -183,6 +227,7 @@ class Report:
             "held": self.held,
             "locks": self.locks,
             "fd_store": self.fd_store,
+            "remote": self.remote,
             "drift": [f.wire() for f in self.findings],
         }
 
@@ -194,13 +239,47 @@ def _probe(path: str) -> str | None:
         return None  # gone: the wrong-file check names it
 
 
+def _on_fuse(pid: int, fd: int, mounts: dict[int, str]) -> bool:
+    try:
+        dev = os.stat(f"/proc/{pid}/fd/{fd}").st_dev
+    except OSError:
+        return False  # not known to be: the kernel's view stands
+    return is_fuse(mounts.get(dev, ""))
+
+
+def _remote(report: Report, d: dict[str, Any], fd: int) -> Finding | None:
+    """A held lease whose lock a FUSE filesystem keeps (no kernel record): checked by the
+    filesystem's own answers (module docstring)."""
+    report.remote += 1
+    at = {"token": d["token"], "resource": d["resource"]}
+    try:
+        have = inode_key(os.stat(f"/proc/{report.pid}/fd/{fd}"))
+        now = inode_key(os.stat(d["path"]))
+    except OSError as exc:
+        return Finding("wrong-file", f"fd {fd} or {d['path']}: {exc.strerror}", **at)
+    if have != now:
+        return Finding("wrong-file", f"fd {fd} is inode {have}, but {d['path']} is {now}", **at)
+    try:
+        seen, pid = ofd.holder_pid(d["path"])
+    except OSError as exc:
+        return Finding("probe", f"F_GETLK from another open file fails: {exc.strerror}", **at)
+    if seen is None or (d["mode"] == "exclusive" and seen != "exclusive"):
+        return Finding("probe", f"F_GETLK from another open file sees {seen or 'free'}", **at)
+    if d["mode"] == "exclusive" and pid > 0 and pid != report.pid:
+        detail = f"the filesystem says pid {pid} holds byte 0, not lockd (pid {report.pid})"
+        return Finding("lock-missing", detail, **at)
+    return None
+
+
 def compare(
     snap: dict[str, Any],
     fds: dict[int, list[Lock]],
     host: list[Lock],
     store: int | None,
+    mounts: dict[int, str] | None = None,
 ) -> Report:
-    """The findings for one set of readings (pure, but for the probes and stats)."""
+    """The findings for one set of readings (pure, but for the probes and stats).
+    ``mounts``: the daemon's device number -> filesystem type (:func:`mount_types`)."""
     report = Report(pid=int(snap["pid"]), leases=len(snap["descriptors"]), fd_store=store)
     find = report.findings
     held = [d for d in snap["descriptors"] if d["state"] == "held"]
@@ -215,6 +294,11 @@ def compare(
             continue
         accounted.add(fd)
         mine = [lk for lk in fds[fd] if lk.byte0]
+        if not mine and mounts and _on_fuse(report.pid, fd, mounts):
+            finding = _remote(report, d, fd)
+            if finding is not None:
+                find.append(finding)
+            continue
         if not mine or mine[0].mode != mode:
             got = mine[0].mode if mine else "no lock"
             find.append(
@@ -280,7 +364,7 @@ def verify(list_descriptors: Any, unit: str | None = None, user: bool | None = N
             store = fd_store_size(name, bool(found and found[1]) if user is None else user)
         fds = fd_locks(pid)
         host = proc_locks()
-        report = compare(before, fds, host, store)
+        report = compare(before, fds, host, store, mount_types(pid))
         if list_descriptors() == before:
             return report
     raise VerifyError(

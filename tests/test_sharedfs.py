@@ -13,12 +13,18 @@ the default (``off``) switches it and remounts. A client reconnect is produced f
 ``ss -K`` resets mount A's TCP connection to the brick, the brick drops every lock of that
 client at once, and the client reconnects ~3 s later (the recipe's finding).
 
+Every test ends with ``lockctl verify`` on each host's lockd (:func:`assert_no_drift`): any
+drift between a daemon's leases and what the storage holds fails it. The kernel keeps no
+record of a lock GlusterFS's FUSE client arbitrates, so verify checks those leases by the
+filesystem's answers (lockd/verify.py); every held lease here must have been checked so.
+
 Measured figures (gaps, detection times) are printed at the end of the module.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -32,6 +38,7 @@ import gluster_harness as gh
 import pytest
 import sd_harness as sd
 from e2e import Conn, Daemon, Owners, is_free, message, probe, probe_setlk_elsewhere, wait_until
+from test_verify import EXIT_DRIFT, systemd_verify
 
 from lockd import errors
 
@@ -125,6 +132,24 @@ def hosts(
     return make
 
 
+def no_drift(report: dict[str, Any], what: str) -> dict[str, Any]:
+    """A verify report without drift, in which every held lease on the volume was checked
+    by the filesystem's answers (the kernel has no record of them: lockd/verify.py)."""
+    assert report["drift"] == [], f"{what}: {report}"
+    assert report["remote"] == report["held"], f"{what}: {report}"
+    return report
+
+
+def assert_no_drift(*hosts: Host) -> None:
+    """``lockctl verify`` on each host's lockd finds no drift (exit status 0)."""
+    for h in hosts:
+        out = h.daemon.lockctl("verify", "-J")
+        assert out.returncode == 0, (
+            f"host {h.name}: lockctl verify exited {out.returncode}\n{out.stdout}{out.stderr}"
+        )
+        no_drift(json.loads(out.stdout)["verify"], f"host {h.name}")
+
+
 def watch(daemon: Daemon, owner: str) -> tuple[Conn, list[dict[str, Any]], threading.Thread]:
     """A Watch subscription read by a thread into a list (until the connection ends)."""
     conn = daemon.connect(timeout=60)
@@ -173,6 +198,7 @@ def test_exclusion_across_hosts(hosts: Callable[..., tuple[Host, Host]], owners:
     b.acquire(r, vb, shared=True)
     assert probe(a.lease_file(r)) == probe(b.lease_file(r)) == "shared"
     assert probe_setlk_elsewhere(b.lease_file(r)) == "held"
+    assert_no_drift(a, b)
     vc = a.register(owners.spawn().pid)
     with pytest.raises(errors.ResourceBusy):
         a.acquire(r, vc)
@@ -210,6 +236,7 @@ def test_kill9_of_a_retakes_from_the_journal_and_b_stays_out(
     listed = {x["resource"]: x for x in a.daemon.lockctl_json("locks")["leases"]}
     assert {r: listed[r]["token"] for r in rs} == tokens
     assert {listed[r]["continuity"] for r in rs} == {"retaken"}
+    assert_no_drift(a, b)
     figures.add(
         f"kill -9 of A, no fd store: lock free on B after {free_after * 1000:.0f} ms, A READY "
         f"and holding again {ready * 1000:.0f} ms after the kill (4 leases re-taken)"
@@ -265,6 +292,8 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
             )
             listed = m.lockctl_json("locks")["leases"]
             assert {x["continuity"] for x in listed} == {"kept"} and len(listed) == len(rs)
+            _, report = systemd_verify(m)
+            assert no_drift(report, "host A")["fd_store"] == len(rs), report
         for f in files_b:
             assert probe_setlk_elsewhere(f) == "held"
         # The storage drops A's locks while they sit in the store (no verifier here:
@@ -274,6 +303,15 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
         bed.reset_connection("a")
         wait_until(lambda: is_free(files_b[0]), 10, 0.005, "A's locks dropped by the brick")
         b.acquire(rs[0], vb)
+        # lockd on A still lists them held: lockctl verify sees that the storage does not
+        rc, report = systemd_verify(m)
+        assert rc == EXIT_DRIFT, report
+        assert {f["token"] for f in report["drift"]} == {x["token"] for x in listed}, report
+        kinds = sorted({f["kind"] for f in report["drift"]})
+        figures.add(
+            f"lockctl verify on A after that reset (its leases still listed held): drift on "
+            f"all {len(report['drift'])} ({', '.join(kinds)})"
+        )
         r = m.kill_and_wait(signal.SIGKILL)
         status = m.lockctl_json("status")["status"]["recovery"]
         assert (status["adopted"], status["lost"]) == (0, len(rs)), status
@@ -282,6 +320,9 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
         assert all("the filesystem dropped the lock" in e["reason"] for e in lost), lost
         assert vm_a.wait(15) == -signal.SIGKILL  # fenced: the default policy
         assert probe_setlk_elsewhere(files_b[0]) == "held" and b.lease(rs[0])["state"] == "held"
+        _, report = systemd_verify(m)  # nothing held, nothing left in the store
+        assert no_drift(report, "host A")["fd_store"] == 0, report
+        assert_no_drift(b)
         figures.add(
             f"A's storage connection reset while its {len(rs)} leases sat in the fd store, "
             f"then kill -9: the new instance found them dropped at adoption, all lost, owner "
@@ -308,6 +349,7 @@ def test_owner_death_on_a_frees_the_resource_for_b(
     freed = time.monotonic() - t0
     b.acquire(r, vb)
     assert probe(a.lease_file(r)) == "exclusive"
+    assert_no_drift(a, b)
     figures.add(f"owner killed on A: free on mount B {freed * 1000:.1f} ms later")
 
 
@@ -348,6 +390,7 @@ def test_lease_taken_by_b_in_a_gap_is_lost_and_fenced(
     wait_until(lambda: events, 10, what="a Watch event")
     assert events[0]["event"] == "lost" and events[0]["resource"] == r1
     conn.close()
+    assert_no_drift(a, b)
 
 
 # --- locks dropped behind lockd's back ------------------------------------------------------
@@ -419,6 +462,8 @@ def test_reconnect_with_strict_locks_is_a_lost_lease(
         e["reason"] for e in a.daemon.history() if e["event"] == "lost" and e["resource"] == r3
     )
     bed.wait_reconnected("a")
+    wait_until(lambda: _answers(a.lease_file(r1)), 30, 0.1, "mount A answering again")
+    assert_no_drift(a, b)
     figures.add(
         f"ss -K of A's brick connection (strict-locks on, verify_interval 0.5 s): B could lock "
         f"after {b_in * 1000:.0f} ms; A found the loss {(b_in + detected) * 1000:.0f} ms "
@@ -509,6 +554,7 @@ def test_strict_locks_off_is_refused_or_allowed_with_warnings(
         r2: "the filesystem dropped the lock: nobody holds it any more",
     }
     assert vm.poll() is None  # fence none: reported only
+    assert_no_drift(a, b)
     figures.add(
         f"strict-locks off: A's client reconnected and reopened its fds without their locks "
         f"{reopened:.1f} s after the reset, silently; A's verifier found both drops "
@@ -529,6 +575,7 @@ def test_verifier_leaves_healthy_leases_alone(
     time.sleep(1.5)
     assert {x["state"] for x in a.daemon.leases() + b.daemon.leases()} == {"held"}
     assert not [e for e in a.daemon.history() + b.daemon.history() if e["event"] == "lost"]
+    assert_no_drift(a, b)
 
 
 # --- local lockspaces: classified, never probed unless configured -------------------------
