@@ -22,15 +22,17 @@ Locks the kernel keeps no record of: a FUSE filesystem that arbitrates locks its
 GlusterFS mount: the brick holds them) gets each lock request from the kernel and answers it;
 the kernel then lists the lock neither in the fd's ``fdinfo`` nor in ``/proc/locks``
 (fs/fuse/file.c, ``fuse_file_lock``; seen here with GlusterFS 10.3). For a held lease whose fd
-shows no lock and is on a FUSE filesystem (its device number in lockd's mountinfo: not the
-fd's ``mnt_id``, since an fd handed back by systemd's fd store may come from another mount
-namespace of an earlier instance), what the filesystem answers stands in for the kernel's
-record (``remote`` in the report counts such leases): the fd must still be the lease's file,
-another open file description must see the lease's mode (``probe``), and for an exclusive
-lease the holder the filesystem names (classic ``F_GETLK``, :func:`lockd.ofd.holder_pid`)
-must be lockd's own pid (``lock-missing`` names the other one). What that cannot see: which
-of several shared holders is lockd, a lock held there for no lease (``orphan-lock``), and a
-holder on another host whose pid number happens to be lockd's.
+shows no lock and whose path is on a FUSE filesystem in lockd's mount table (not found by
+the fd's ``mnt_id`` or its ``/proc/PID/fd`` link: an fd handed back by systemd's fd store
+may come from a mount namespace of an earlier instance, which neither resolves in; nor by a
+stat, which such a mount may fail), what the filesystem answers stands in for the kernel's
+record (``remote`` in the report counts such leases): the fd must still be the lease's file
+(``wrong-file``; an fd the filesystem fails with EBADFD or ENOTCONN lost its lock:
+``lock-missing``), another open file description must see the lease's mode (``probe``),
+and for an exclusive lease the holder the filesystem names (classic ``F_GETLK``,
+:func:`lockd.ofd.holder_pid`) must be lockd's own pid (``lock-missing`` names the other one).
+What that cannot see: which of several shared holders is lockd, a lock held there for no
+lease (``orphan-lock``), and a holder on another host whose pid number happens to be lockd's.
 
 Drift, each finding named (exit status 7 from lockctl when there is any):
 
@@ -147,24 +149,33 @@ def is_fuse(fstype: str) -> bool:
     return fstype in FUSE_FSTYPES or fstype.startswith("fuse.")
 
 
-def mount_types(pid: int) -> dict[int, str]:
-    """Device number -> filesystem type of every mount in ``/proc/PID/mountinfo`` (proc(5));
-    empty if it cannot be read."""
-    out: dict[int, str] = {}
+def mount_types(pid: int) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount in ``/proc/PID/mountinfo`` (proc(5)),
+    in its order; empty if it cannot be read."""
     try:
         with open(f"/proc/{pid}/mountinfo") as f:
             text = f.read()
     except OSError:
-        return out
+        return []
+    out = []
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 3 or not tail:
-            continue
-        major, _, minor = fields[2].partition(":")
-        if major.isdigit() and minor.isdigit():
-            out[os.makedev(int(major), int(minor))] = tail[0]
+        if sep and len(fields) >= 5 and tail:
+            # space, tab, newline and backslash are escaped as \ooo (octal)
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            out.append((point, tail[0]))
     return out
+
+
+def fstype_of(path: str, mounts: list[tuple[str, str]]) -> str:
+    """The filesystem type of the innermost mount holding ``path`` (the last mounted of
+    equal ones: it hides the others); "" if none."""
+    best, kind = -1, ""
+    for point, fstype in mounts:
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= best:
+            best, kind = len(point), fstype
+    return kind
 
 
 def unit_of(pid: int) -> tuple[str, bool] | None:
@@ -239,26 +250,24 @@ def _probe(path: str) -> str | None:
         return None  # gone: the wrong-file check names it
 
 
-def _on_fuse(pid: int, fd: int, mounts: dict[int, str]) -> bool:
-    try:
-        dev = os.stat(f"/proc/{pid}/fd/{fd}").st_dev
-    except OSError:
-        return False  # not known to be: the kernel's view stands
-    return is_fuse(mounts.get(dev, ""))
-
-
 def _remote(report: Report, d: dict[str, Any], fd: int) -> Finding | None:
     """A held lease whose lock a FUSE filesystem keeps (no kernel record): checked by the
-    filesystem's own answers (module docstring)."""
+    filesystem's own answers (module docstring). The first finding, in the order that says
+    the most: the path leads to another file; another holder; nobody; the fd itself fails."""
     report.remote += 1
     at = {"token": d["token"], "resource": d["resource"]}
     try:
-        have = inode_key(os.stat(f"/proc/{report.pid}/fd/{fd}"))
         now = inode_key(os.stat(d["path"]))
     except OSError as exc:
-        return Finding("wrong-file", f"fd {fd} or {d['path']}: {exc.strerror}", **at)
-    if have != now:
-        return Finding("wrong-file", f"fd {fd} is inode {have}, but {d['path']} is {now}", **at)
+        return Finding("wrong-file", f"{d['path']}: {exc.strerror}", **at)
+    fd_error: OSError | None = None
+    try:
+        have = inode_key(os.stat(f"/proc/{report.pid}/fd/{fd}"))
+    except OSError as exc:
+        fd_error = exc
+    else:
+        if have != now:
+            return Finding("wrong-file", f"fd {fd} is inode {have}, {d['path']} is {now}", **at)
     try:
         seen, pid = ofd.holder_pid(d["path"])
     except OSError as exc:
@@ -268,6 +277,11 @@ def _remote(report: Report, d: dict[str, Any], fd: int) -> Finding | None:
     if d["mode"] == "exclusive" and pid > 0 and pid != report.pid:
         detail = f"the filesystem says pid {pid} holds byte 0, not lockd (pid {report.pid})"
         return Finding("lock-missing", detail, **at)
+    if fd_error is not None:
+        if fd_error.errno in ofd.LOCK_DROPPED_ERRNOS:  # GlusterFS: EBADFD after a reconnect
+            why = f"the filesystem dropped the lock ({fd_error.strerror} on fd {fd})"
+            return Finding("lock-missing", why, **at)
+        return Finding("wrong-file", f"fd {fd}: {fd_error.strerror}", **at)
     return None
 
 
@@ -276,10 +290,10 @@ def compare(
     fds: dict[int, list[Lock]],
     host: list[Lock],
     store: int | None,
-    mounts: dict[int, str] | None = None,
+    mounts: list[tuple[str, str]] | None = None,
 ) -> Report:
     """The findings for one set of readings (pure, but for the probes and stats).
-    ``mounts``: the daemon's device number -> filesystem type (:func:`mount_types`)."""
+    ``mounts``: the daemon's mount table (:func:`mount_types`)."""
     report = Report(pid=int(snap["pid"]), leases=len(snap["descriptors"]), fd_store=store)
     find = report.findings
     held = [d for d in snap["descriptors"] if d["state"] == "held"]
@@ -294,7 +308,8 @@ def compare(
             continue
         accounted.add(fd)
         mine = [lk for lk in fds[fd] if lk.byte0]
-        if not mine and mounts and _on_fuse(report.pid, fd, mounts):
+        # by the lease's path in lockd's mount table (module docstring)
+        if not mine and mounts and is_fuse(fstype_of(d["path"], mounts)):
             finding = _remote(report, d, fd)
             if finding is not None:
                 find.append(finding)

@@ -303,14 +303,20 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
         bed.reset_connection("a")
         wait_until(lambda: is_free(files_b[0]), 10, 0.005, "A's locks dropped by the brick")
         b.acquire(rs[0], vb)
-        # lockd on A still lists them held: lockctl verify sees that the storage does not
+        # lockd on A still lists them held; once A's client is back, lockctl verify sees that
+        # the storage does not: B's lockd holds the first, nobody the others
+        bed.wait_reconnected("a")
+        wait_until(lambda: _answers(a_leases / files_b[0].name), 30, 0.1, "mount A answering")
         rc, report = systemd_verify(m)
         assert rc == EXIT_DRIFT, report
-        assert {f["token"] for f in report["drift"]} == {x["token"] for x in listed}, report
-        kinds = sorted({f["kind"] for f in report["drift"]})
+        found = {f["resource"]: f for f in report["drift"]}
+        assert set(found) == set(rs), report
+        assert found[rs[0]]["kind"] == "lock-missing", report
+        assert f"pid {b.daemon.pid} holds byte 0" in found[rs[0]]["detail"], report
+        assert {found[r]["kind"] for r in rs[1:]} == {"probe"}, report["drift"]
         figures.add(
-            f"lockctl verify on A after that reset (its leases still listed held): drift on "
-            f"all {len(report['drift'])} ({', '.join(kinds)})"
+            f"lockctl verify on A after that reset, its {len(rs)} leases still listed held: "
+            f"drift on all ({found[rs[0]]['detail']}; {len(rs) - 1} seen free)"
         )
         r = m.kill_and_wait(signal.SIGKILL)
         status = m.lockctl_json("status")["status"]["recovery"]
