@@ -165,6 +165,9 @@ class LockService:
         # called with the lockspace before a new lease in an indirect lockspace is locked;
         # raises to refuse it (lockd/sharedfs.py: storage that can drop a lock silently)
         self.admit_indirect: Callable[[str], None] | None = None
+        # called with (name, directory) before a named lockspace is added, and when an
+        # existing one is asked for again; raises to refuse it (lockd/sharedfs.py)
+        self.admit_lockspace: Callable[[str, str], None] | None = None
 
     # -- owners ---------------------------------------------------------------------------
     def find_owner(self, owner: str | None, pid: int | None, peer: process.Peer) -> Owner:
@@ -707,7 +710,10 @@ class LockService:
     async def add_lockspace(self, name: str, directory: str) -> bool:
         """Add a named lockspace (lease files named by the client, lockspace.py) at run time,
         journaled so that it outlives a restart. False if it exists already. The directory
-        must exist (the caller makes it, with the errors its protocol wants)."""
+        must exist (the caller makes it, with the errors its protocol wants). Its storage is
+        checked first, also for one that exists (InvalidResource: refused, lockd/sharedfs.py)."""
+        if self.admit_lockspace is not None:
+            self.admit_lockspace(name, directory)
         if name in self.lockspaces.named:
             return False
         self.lockspaces.add_named(name, Path(directory))
