@@ -13,7 +13,7 @@ the default (``off``) switches it and remounts. A client reconnect is produced f
 ``ss -K`` resets mount A's TCP connection to the brick, the brick drops every lock of that
 client at once, and the client reconnects ~3 s later (the recipe's finding).
 
-Every test ends with ``lockctl verify`` on each host's lockd (:func:`assert_no_drift`): any
+Every two-host test runs ``lockctl verify`` on each host's lockd (:func:`assert_no_drift`): any
 drift between a daemon's leases and what the storage holds fails it. The kernel keeps no
 record of a lock GlusterFS's FUSE client arbitrates, so verify checks those leases by the
 filesystem's answers (lockd/verify.py); every held lease here must have been checked so.
@@ -694,6 +694,7 @@ def test_libvirt_lockspace_on_unsafe_storage_is_refused(
         more = hook.acquire(libvirt_lease("/d2"), dir_b, vl.AUTOCREATE)
         assert not more.ok and "strict-locks on" in str(more.message), more.error
     assert probe(Path(dir_a) / libvirt_lease("/d1")) == "exclusive"
+    assert_no_drift(a, b)
 
 
 def test_verifier_leaves_healthy_leases_alone(
