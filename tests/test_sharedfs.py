@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,10 @@ def no_drift(report: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def assert_no_drift(*hosts: Host) -> None:
-    """``lockctl verify`` on each host's lockd finds no drift (exit status 0)."""
-    for h in hosts:
-        out = h.daemon.lockctl("verify", "-J")
+    """``lockctl verify`` on each host's lockd (at once) finds no drift (exit status 0)."""
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        outs = list(pool.map(lambda h: h.daemon.lockctl("verify", "-J"), hosts))
+    for h, out in zip(hosts, outs, strict=True):
         assert out.returncode == 0, (
             f"host {h.name}: lockctl verify exited {out.returncode}\n{out.stdout}{out.stderr}"
         )
