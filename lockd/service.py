@@ -787,7 +787,11 @@ class LockService:
                 for x in lease.owner.leases.values()
                 if x.state is State.LOST and x.lost is None
             }
-            events = self.journal.history(self.config.history_retention, owner=lease.owner.uuid)
+            # one lease (the usual case): its owner's events on its resource alone
+            only = lease.resource if len(pending) == 1 else None
+            events = self.journal.history(
+                self.config.history_retention, owner=lease.owner.uuid, resource=only
+            )
             for e in reversed(events):  # newest first
                 found = pending.pop(e["token"], None) if e["event"] == "lost" else None
                 if found is not None:
