@@ -24,7 +24,7 @@ Exit status:
   3  resource busy (io.lockd.ResourceBusy)
   4  daemon unreachable (no socket, permission denied, no answer within --timeout)
   5  not held / no such owner (io.lockd.NotHeld, io.lockd.NoSuchOwner)
-  6  lease lost while lockd was down (io.lockd.LeaseLost)
+  6  lease lost: taken while lockd was down, or dropped by shared storage (io.lockd.LeaseLost)
   7  verify found drift between lockd's leases and the kernel's locks or systemd's fd store
 """
 

@@ -122,10 +122,13 @@ class Config:
     # (lockd/sharedfs.py); 0: never verify
     verify_interval: float = 5.0
     # lockspaces treated as shared storage (verified) whatever their filesystem type; those on
-    # a network or cluster filesystem (NFS, GlusterFS, GFS2, CephFS, any FUSE...) are anyway
+    # a network or cluster filesystem (NFS, GlusterFS, GFS2, CephFS, any FUSE...) are anyway.
+    # An absolute path names the lockspace created on that directory over virtlockd's
+    # protocol (libvirt's file_lockspace_dir: its name is its directory)
     shared_lockspaces: tuple[str, ...] = ()
     # lockspaces allowed on a mount that can drop a lock without telling (GlusterFS with
-    # client.strict-locks off): warnings instead of refusing new leases there
+    # client.strict-locks off): warnings instead of refusing new leases there (and, for a
+    # directory named by its path, refusing its creation); names as in shared_lockspaces
     allow_unsafe_storage: tuple[str, ...] = ()
 
     @property
@@ -177,8 +180,14 @@ class Config:
             raise ConfigError("verify_interval must be >= 0 (0: never verify)")
         for key in ("shared_lockspaces", "allow_unsafe_storage"):
             for ls in getattr(self, key):
-                if ls not in self.lockspaces:
-                    raise ConfigError(f"{key}: {ls!r} is not a configured indirect lockspace")
+                if ls in self.lockspaces or (
+                    ls.startswith("/") and os.path.normpath(ls) == ls and "//" not in ls
+                ):
+                    continue  # a directory: the lockspace virtlockd's protocol creates there
+                raise ConfigError(
+                    f"{key}: {ls!r} is not a configured indirect lockspace, nor a directory "
+                    "(an absolute, normalized path) of one created over virtlockd's protocol"
+                )
         for name in (
             "history_retention",
             "max_connections",

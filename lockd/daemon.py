@@ -293,9 +293,14 @@ class Daemon:
                 notify.notify("READY=1")
                 self.reexec_requested = False
                 self.stop.clear()
-        # -- shutdown: nothing is released; the journal keeps every lease
+        # -- shutdown: nothing is released; the journal keeps every lease. Nothing may reach
+        # the journal once it is closed: every timer (verifier, pruner, metrics) stops, and
+        # owners are no longer watched (a pidfd that fires from here on, even while asyncio
+        # winds the loop down after the journal closed, would start a release). An owner that
+        # dies now keeps its leases journaled; the next start's recovery releases them.
         for timer in timers:
             timer.cancel()
+        service.stop_watching_owners()
         notify.notify("STOPPING=1")
         log.info(
             "stopping; %d leases stay journaled", outcome.table.count, extra={"LOCKD_EVENT": "stop"}

@@ -69,7 +69,8 @@ class TokenMismatch(LockdError, ValueError):
 
 
 class LeaseLost(LockdError):
-    """The lease could not be held again after a crash: someone took it in the gap."""
+    """The lease is lost: someone took the resource in a crash's gap, or shared storage
+    dropped the lock (the reason is in Watch and History)."""
 
     wire_name = "io.lockd.LeaseLost"
 

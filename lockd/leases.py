@@ -153,6 +153,10 @@ class Lease:
     continuity: str = "new"
     # set while a commit is in flight; done when the lease settles
     settled: asyncio.Future[None] | None = None
+    # (when, why) the lease was lost, as journaled with its "lost" event; None while it is
+    # not lost, or for a loss journaled before this daemon started until someone asks
+    # (LockService.lost_event reads it back from history then)
+    lost: tuple[float, str] | None = None
     # (lockspace, rkey): made once, shared by the owner's and the resource's index
     key: tuple[str, str] = field(init=False)
 

@@ -321,3 +321,25 @@ def holder(path: str) -> str | None:
     if ltype == fcntl.F_UNLCK:
         return None
     return "exclusive" if ltype == fcntl.F_WRLCK else "shared"
+
+
+def holder_pid(path: str) -> tuple[str | None, int]:
+    """Who holds byte 0 of ``path``, and the pid the filesystem names as its holder.
+
+    Classic ``F_GETLK`` (a process-owned probe: this process holds no lock there, so any
+    lock is reported), because ``F_OFD_GETLK`` always reports pid -1. The kernel's own
+    locks report -1 for an OFD lock too; a FUSE filesystem that arbitrates locks itself
+    reports the pid its server recorded with the lock (GlusterFS 10.3: the pid of the
+    process whose ``F_OFD_SETLK`` took it last, translated into our PID namespace; measured
+    here), which is how ``lockctl verify`` tells lockd's lock from another's there. 0 or
+    -1: unknown.
+    """
+    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_GETLK, _WR)
+    finally:
+        _close_quietly(fd)
+    ltype, _whence, _start, _len, pid = struct.unpack(_FLOCK, res)
+    if ltype == fcntl.F_UNLCK:
+        return None, 0
+    return ("exclusive" if ltype == fcntl.F_WRLCK else "shared"), pid

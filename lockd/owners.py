@@ -217,6 +217,14 @@ class Owners:
         self.loop.add_reader(pidfd, self.owner_gone, owner, "owner exited")
         return True
 
+    def stop_watching_owners(self) -> None:
+        """At a clean stop, before the journal closes: no owner's death is processed any
+        more (its release would be a commit to a closed journal). The dead owner's leases
+        stay journaled, and the next start's recovery releases them."""
+        for owner in self.table.owners.values():
+            if owner.pidfd is not None:
+                self.loop.remove_reader(owner.pidfd)
+
     def forget_owner(self, owner: Owner) -> None:
         self.table.remove_owner(owner)
         if owner.pidfd is not None:

@@ -212,6 +212,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             if reason is not None:
                 lease.apply(Event.LOSE)
                 lease.continuity = "lost"
+                lease.lost = (time.time(), reason)
                 report.lost += 1
                 writes.append(set_lease_state(lease.token, "lost"))
                 events.append(lease_event("lost", lease, reason))

@@ -457,7 +457,9 @@ class Server:
             )
             for lease in owner.leases.values():
                 if lease.state == State.LOST:
-                    event = lease.as_event("lost", "taken while lockd was down", time.time())
+                    # the loss's own time and reason (run time or recovery, this daemon's
+                    # or an earlier one's): lockd/service.py, lost_event
+                    event = self.service.lost_event(lease)
                     conn.send(encode_reply({"event": event}, True))
             while True:
                 get: asyncio.Future[dict[str, Any]] = asyncio.ensure_future(q.get())

@@ -11,7 +11,11 @@ the client's locks, and another host takes the resource. Three things here:
    number, then by the longest mount point). A lockspace is *shared* if its filesystem type
    is a network, cluster or FUSE filesystem (:data:`SHARED_FSTYPES`, any ``fuse.*``), or if
    the configuration says so (``shared_lockspaces``). Local lockspaces are never looked at
-   again and cost nothing.
+   again and cost nothing. That is every configured lockspace, and every *named* one
+   (lockspace.py): those libvirtd creates over virtlockd's protocol (CREATE_LOCKSPACE for
+   its ``file_lockspace_dir``, whose whole point is lease files on shared storage), named by
+   their directory, journaled, classified again at each start-up from the journal and when
+   they are created or asked for again (:meth:`Verifier.admit_lockspace`).
 
 2. **Mounts that drop locks silently are refused.** A GlusterFS client (``fuse.glusterfs``)
    with ``client.strict-locks off`` -- the default -- reopens its fds after a reconnect
@@ -34,6 +38,19 @@ the client's locks, and another host takes the resource. Three things here:
    fcntl locks never leave this host are refused the same way, from their options in
    mountinfo (:func:`local_locks`: NFS ``nolock`` / ``local_lock=posix|all``, GFS2
    ``localflocks`` / ``lockproto=lock_nolock``; read from the man pages, not tried here).
+
+   A named lockspace on such a mount is refused at its creation too: CREATE_LOCKSPACE (and
+   NEW) answer virtlockd's error reply VIR_ERR_OPERATION_UNSUPPORTED ("Operation not
+   supported: lockspace DIR is on ..., which ...; fix: ...") and nothing is journaled; the
+   same answer when libvirtd asks again for one lockd already has (it does at each of its
+   starts), whose leases stay (re-taken at recovery, verified) while its new leases are
+   refused as in a configured lockspace. Refusing the lockspace itself, not only its
+   leases: it could never grant one, and libvirt's lock driver fails to initialize on an
+   error from CREATE_LOCKSPACE (``virLockManagerLockDaemonInit``, lock_driver_lockd.c), so
+   the mistake shows in libvirtd's log when it starts, not at some later ``virsh start``.
+   ``allow_unsafe_storage`` and ``shared_lockspaces`` name such a lockspace by its
+   directory (an absolute path: the name libvirt gives it); allowed, it is created, with a
+   warning at creation and at use.
 
 3. **Verification** (:class:`Verifier`), every ``verify_interval`` seconds, of every held
    lease in a shared lockspace, :data:`SLICE` leases at a time in a thread of its own (one
@@ -279,8 +296,9 @@ def classify(lockspace: str, directory: str, forced_shared: bool = False) -> Sto
 
 
 class Verifier:
-    """Classifies the indirect lockspaces, guards new leases on unsafe mounts, and verifies
-    held leases on shared ones on a timer (see the module docstring)."""
+    """Classifies the indirect and named lockspaces, guards new leases (and new named
+    lockspaces) on unsafe mounts, and verifies held leases on shared ones on a timer (see the
+    module docstring)."""
 
     def __init__(self, config: Config, service: LockService) -> None:
         self.config = config
@@ -295,22 +313,50 @@ class Verifier:
 
     # -- classification -------------------------------------------------------------------
     def start(self) -> None:
-        for ls in self.config.lockspaces:
-            self._classify(ls)
+        """At start-up, after recovery: every configured lockspace, and every named one the
+        journal holds (created over virtlockd's protocol before the restart)."""
+        for ls, directory in self.config.lockspaces.items():
+            self.storage[ls] = self._classify(ls, str(directory))
+        for ls, directory in self.service.lockspaces.named.items():
+            self.storage[ls] = self._classify(ls, str(directory))
         if any(s.unsafe for s in self.storage.values()):
             self.service.admit_indirect = self.admit
-        if self.config.verify_interval > 0 and self.shared():
+        self.service.admit_lockspace = self.admit_lockspace
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._handle is None and self.config.verify_interval > 0 and self.shared():
             self._handle = self.loop.call_later(self.config.verify_interval, self._tick)
 
     def shared(self) -> list[str]:
         return [ls for ls, s in self.storage.items() if s.shared]
 
-    def _classify(self, ls: str) -> Storage:
-        directory = str(self.config.lockspaces[ls])
-        new = classify(ls, directory, ls in self.config.shared_lockspaces)
-        self.storage[ls] = new
+    def admit_lockspace(self, ls: str, directory: str) -> None:
+        """Before a named lockspace is created at run time (virtlockd's CREATE_LOCKSPACE:
+        libvirt's file_lockspace_dir), and when it is asked for again (libvirtd sends it at
+        every start of its own): its directory's mount, classified afresh (a remount may have
+        changed it). On a mount whose locks do not keep hosts apart it is refused with the
+        reason (InvalidResource), unless allow_unsafe_storage names the directory: such a
+        lockspace could only ever refuse its leases, and libvirt's lock driver fails to load
+        on the error, so the mistake shows when libvirtd starts. One that lockd already has
+        keeps its leases (re-taken, verified) either way; its new ones are refused as in a
+        configured lockspace. On shared storage its leases are verified from now on."""
+        new = self._classify(ls, directory, "create")
+        if ls in self.service.lockspaces.named or not new.unsafe or self._allowed(ls):
+            self.storage[ls] = new
         if new.unsafe:
-            self._unsafe(new, "start")
+            self.service.admit_indirect = self.admit
+            if not self._allowed(ls):
+                raise self._refusal(new)
+        self._schedule()
+
+    def _allowed(self, ls: str) -> bool:
+        return ls in self.config.allow_unsafe_storage
+
+    def _classify(self, ls: str, directory: str, when: str = "start") -> Storage:
+        new = classify(ls, directory, ls in self.config.shared_lockspaces)
+        if new.unsafe:
+            self._unsafe(new, when)
         elif new.shared:
             log.info(
                 "lockspace %s: shared storage, %s; held leases verified every %g s",
@@ -345,14 +391,15 @@ class Verifier:
             )
 
     def _unsafe(self, storage: Storage, when: str) -> None:
-        allowed = storage.lockspace in self.config.allow_unsafe_storage
+        allowed = self._allowed(storage.lockspace)
+        refused = "its creation is refused" if when == "create" else "new leases there are refused"
         log.log(
             logging.WARNING if allowed else logging.ERROR,
             "lockspace %s: %s %s; %s",
             storage.lockspace,
             storage.describe(),
             storage.unsafe,
-            "allowed by allow_unsafe_storage" if allowed else "new leases there are refused",
+            "allowed by allow_unsafe_storage" if allowed else refused,
             extra={
                 "LOCKD_EVENT": "unsafe-storage",
                 "LOCKD_LOCKSPACE": storage.lockspace,
@@ -371,12 +418,17 @@ class Verifier:
         if last is None or now - last >= WARN_EVERY:  # the first use, then once a minute
             self._warned[ls] = now
             self._unsafe(storage, "use")
-        if ls not in self.config.allow_unsafe_storage:
-            reason = (
-                f"lockspace {ls} is on {storage.describe()}, which {storage.unsafe}; "
-                "or list it in allow_unsafe_storage"
-            )
-            raise InvalidResource(reason, resource=ls, reason=reason)
+        if not self._allowed(ls):
+            raise self._refusal(storage)
+
+    @staticmethod
+    def _refusal(storage: Storage) -> InvalidResource:
+        ls = storage.lockspace
+        reason = (
+            f"lockspace {ls} is on {storage.describe()}, which {storage.unsafe}; "
+            "or list it in allow_unsafe_storage"
+        )
+        return InvalidResource(reason, resource=ls, reason=reason)
 
     # -- verification ---------------------------------------------------------------------
     def _tick(self) -> None:

@@ -18,6 +18,22 @@ Theory of operation: three views of the same leases, taken from outside the daem
 The daemon's view is read before and after the others; if it changed (a request was served
 in between) everything is read again, a few times, so a busy daemon is not reported as drift.
 
+Locks the kernel keeps no record of: a FUSE filesystem that arbitrates locks itself (a
+GlusterFS mount: the brick holds them) gets each lock request from the kernel and answers it;
+the kernel then lists the lock neither in the fd's ``fdinfo`` nor in ``/proc/locks``
+(fs/fuse/file.c, ``fuse_file_lock``; seen here with GlusterFS 10.3). For a held lease whose fd
+shows no lock and whose path is on a FUSE filesystem in lockd's mount table (not found by
+the fd's ``mnt_id`` or its ``/proc/PID/fd`` link: an fd handed back by systemd's fd store
+may come from a mount namespace of an earlier instance, which neither resolves in; nor by a
+stat, which such a mount may fail), what the filesystem answers stands in for the kernel's
+record (``remote`` in the report counts such leases): the fd must still be the lease's file
+(``wrong-file``; an fd the filesystem fails with EBADFD or ENOTCONN lost its lock:
+``lock-missing``), another open file description must see the lease's mode (``probe``),
+and for an exclusive lease the holder the filesystem names (classic ``F_GETLK``,
+:func:`lockd.ofd.holder_pid`) must be lockd's own pid (``lock-missing`` names the other one).
+What that cannot see: which of several shared holders is lockd, a lock held there for no
+lease (``orphan-lock``), and a holder on another host whose pid number happens to be lockd's.
+
 Drift, each finding named (exit status 7 from lockctl when there is any):
 
 - ``fd-missing``: a held lease with no fd, or an fd the daemon does not have open;
@@ -125,6 +141,43 @@ def fd_locks(pid: int) -> dict[int, list[Lock]]:
     return out
 
 
+# FUSE filesystems: the kernel passes their locks to the FUSE server and records none itself
+FUSE_FSTYPES = ("fuse", "fuseblk")
+
+
+def is_fuse(fstype: str) -> bool:
+    return fstype in FUSE_FSTYPES or fstype.startswith("fuse.")
+
+
+def mount_types(pid: int) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount in ``/proc/PID/mountinfo`` (proc(5)),
+    in its order; empty if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            text = f.read()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if sep and len(fields) >= 5 and tail:
+            # space, tab, newline and backslash are escaped as \ooo (octal)
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            out.append((point, tail[0]))
+    return out
+
+
+def fstype_of(path: str, mounts: list[tuple[str, str]]) -> str:
+    """The filesystem type of the innermost mount holding ``path`` (the last mounted of
+    equal ones: it hides the others); "" if none."""
+    best, kind = -1, ""
+    for point, fstype in mounts:
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= best:
+            best, kind = len(point), fstype
+    return kind
+
+
 def unit_of(pid: int) -> tuple[str, bool] | None:
     """(unit, under a user manager) from ``/proc/PID/cgroup``; None outside a service."""
     try:
@@ -174,6 +227,8 @@ class Report:
     held: int = 0
     locks: int = 0  # OFD locks on byte 0 held by the daemon's fds
     fd_store: int | None = None  # systemd's count, when the store is in use
+    # held leases on a FUSE filesystem, checked by its answers (module docstring)
+    remote: int = 0
     findings: list[Finding] = field(default_factory=list)
 
     def wire(self) -> dict[str, Any]:
@@ -183,6 +238,7 @@ class Report:
             "held": self.held,
             "locks": self.locks,
             "fd_store": self.fd_store,
+            "remote": self.remote,
             "drift": [f.wire() for f in self.findings],
         }
 
@@ -194,13 +250,50 @@ def _probe(path: str) -> str | None:
         return None  # gone: the wrong-file check names it
 
 
+def _remote(report: Report, d: dict[str, Any], fd: int) -> Finding | None:
+    """A held lease whose lock a FUSE filesystem keeps (no kernel record): checked by the
+    filesystem's own answers (module docstring). The first finding, in the order that says
+    the most: the path leads to another file; another holder; nobody; the fd itself fails."""
+    report.remote += 1
+    at = {"token": d["token"], "resource": d["resource"]}
+    try:
+        now = inode_key(os.stat(d["path"]))
+    except OSError as exc:
+        return Finding("wrong-file", f"{d['path']}: {exc.strerror}", **at)
+    fd_error: OSError | None = None
+    try:
+        have = inode_key(os.stat(f"/proc/{report.pid}/fd/{fd}"))
+    except OSError as exc:
+        fd_error = exc
+    else:
+        if have != now:
+            return Finding("wrong-file", f"fd {fd} is inode {have}, {d['path']} is {now}", **at)
+    try:
+        seen, pid = ofd.holder_pid(d["path"])
+    except OSError as exc:
+        return Finding("probe", f"F_GETLK from another open file fails: {exc.strerror}", **at)
+    if seen is None or (d["mode"] == "exclusive" and seen != "exclusive"):
+        return Finding("probe", f"F_GETLK from another open file sees {seen or 'free'}", **at)
+    if d["mode"] == "exclusive" and pid > 0 and pid != report.pid:
+        detail = f"the filesystem says pid {pid} holds byte 0, not lockd (pid {report.pid})"
+        return Finding("lock-missing", detail, **at)
+    if fd_error is not None:
+        if fd_error.errno in ofd.LOCK_DROPPED_ERRNOS:  # GlusterFS: EBADFD after a reconnect
+            why = f"the filesystem dropped the lock ({fd_error.strerror} on fd {fd})"
+            return Finding("lock-missing", why, **at)
+        return Finding("wrong-file", f"fd {fd}: {fd_error.strerror}", **at)
+    return None
+
+
 def compare(
     snap: dict[str, Any],
     fds: dict[int, list[Lock]],
     host: list[Lock],
     store: int | None,
+    mounts: list[tuple[str, str]] | None = None,
 ) -> Report:
-    """The findings for one set of readings (pure, but for the probes and stats)."""
+    """The findings for one set of readings (pure, but for the probes and stats).
+    ``mounts``: the daemon's mount table (:func:`mount_types`)."""
     report = Report(pid=int(snap["pid"]), leases=len(snap["descriptors"]), fd_store=store)
     find = report.findings
     held = [d for d in snap["descriptors"] if d["state"] == "held"]
@@ -215,6 +308,12 @@ def compare(
             continue
         accounted.add(fd)
         mine = [lk for lk in fds[fd] if lk.byte0]
+        # by the lease's path in lockd's mount table (module docstring)
+        if not mine and mounts and is_fuse(fstype_of(d["path"], mounts)):
+            finding = _remote(report, d, fd)
+            if finding is not None:
+                find.append(finding)
+            continue
         if not mine or mine[0].mode != mode:
             got = mine[0].mode if mine else "no lock"
             find.append(
@@ -280,7 +379,7 @@ def verify(list_descriptors: Any, unit: str | None = None, user: bool | None = N
             store = fd_store_size(name, bool(found and found[1]) if user is None else user)
         fds = fd_locks(pid)
         host = proc_locks()
-        report = compare(before, fds, host, store)
+        report = compare(before, fds, host, store, mount_types(pid))
         if list_descriptors() == before:
             return report
     raise VerifyError(

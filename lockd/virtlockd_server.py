@@ -353,7 +353,8 @@ class VirtlockdConnection(asyncio.Protocol):
 
     async def _create_lockspace(self, path: str, exists_ok: bool) -> None:
         if path in self.service.lockspaces.named:
-            if exists_ok:
+            if exists_ok:  # its storage is checked again (a remount may have changed it)
+                await self._add_lockspace(path)
                 return
             raise _refuse(ERR_INTERNAL_ERROR, FROM_RPC, f"Lockspace for path {path} already exists")
         if not self.peer.root:
@@ -381,8 +382,16 @@ class VirtlockdConnection(asyncio.Protocol):
                 FROM_LOCKSPACE,
                 f"Lockspace location {path} exists, but is not a directory",
             )
+        await self._add_lockspace(path)
+
+    async def _add_lockspace(self, path: str) -> None:
         try:
             await self.service.add_lockspace(path, path)
+        except InvalidResource as exc:
+            # on storage whose locks do not keep hosts apart (lockd/sharedfs.py): libvirt's
+            # lock driver fails to load on this error, naming the mount and the fix
+            reason = str(exc.parameters.get("reason", exc))
+            raise _refuse(ERR_OPERATION_UNSUPPORTED, FROM_LOCKSPACE, reason) from None
         except LockdError as exc:
             raise _translate(exc, path) from None
 
@@ -486,7 +495,7 @@ def _translate(exc: LockdError, name: str, create: bool = False) -> Refused:
         return _refuse(
             ERR_RESOURCE_BUSY,
             FROM_LOCKSPACE,
-            f"Lockspace resource '{name}' was lost while lockd was down",
+            f"Lockspace resource '{name}' was lost (lockctl history says why)",
         )
     if isinstance(exc, InvalidResource):
         code = _ERRNO_OF_REASON.get(str(exc.parameters.get("reason", "")))

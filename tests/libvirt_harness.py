@@ -474,6 +474,17 @@ class Virtlockd(_TransientDaemon):
         return ["/usr/sbin/virtlockd", "-f", "/etc/libvirt/virtlockd.conf"]
 
 
+def _verify_inside(host: LibvirtHost, socket_path: str, admin: str) -> tuple[int, Any]:
+    """``lockctl verify -J`` run inside the container: it reads ``/proc/PID`` of lockd, so it
+    needs lockd's PID namespace, and under the units it asks the container's systemd about the
+    fd store. (exit status, the report)."""
+    out = host.run_inside(sys.executable, "-m", "lockd.cli", "--socket", socket_path,
+                          "--admin-socket", admin, "--timeout", "30", "verify", "-J",
+                          check=False)  # fmt: skip
+    assert out.returncode in (0, 7), f"lockctl verify exited {out.returncode}: {out.stderr}"
+    return out.returncode, json.loads(out.stdout)["verify"]
+
+
 def _lockctl(socket_path: Path, admin: Path, *args: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKD_")}
     out = subprocess.run(
@@ -525,6 +536,10 @@ class DirectLockd(_TransientDaemon):
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.socket, self.admin_socket, *args)
 
+    def verify(self) -> tuple[int, Any]:
+        """``lockctl verify`` of this lockd (its sockets are at the same path inside)."""
+        return _verify_inside(self.host, str(self.socket), str(self.admin_socket))
+
     def admin(self, method: str) -> dict[str, Any]:
         """One io.lockd.Admin call in-process (for polling: no lockctl process each time)."""
         with Conn(self.admin_socket) as c:
@@ -559,6 +574,10 @@ class SystemdLockd(LockDaemon):
 
     def lockctl(self, *args: str) -> Any:
         return _lockctl(self.host.sm.socket, self.host.sm.admin_socket, *args)
+
+    def verify(self) -> tuple[int, Any]:
+        """``lockctl verify`` of this lockd, fd store included (lockd.service's count)."""
+        return _verify_inside(self.host, "/run/lockd/lockd.sock", "/run/lockd/lockd-admin.sock")
 
     def admin(self, method: str) -> dict[str, Any]:
         """One io.lockd.Admin call in-process (for polling: no lockctl process each time)."""

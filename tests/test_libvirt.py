@@ -8,9 +8,11 @@ real virtlockd (once, to show the bug lockd exists for), lockd on its own, or lo
 project's units with the fd store. What is held is checked from outside every daemon: another
 process tries an OFD lock on byte 0 of the disk (``probe_setlk_elsewhere``), ``F_OFD_GETLK``
 says which kind of lock is there (``probe``), ``lockctl locks -J`` lists the leases, and
-``virsh`` says what libvirt did. Every test ends with no domain running, every disk free and
-no lease left. Measured step timings are printed at the end of the module (``-s`` shows them
-as they come).
+``virsh`` says what libvirt did. Every test with lockd ends with ``lockctl verify`` (run
+inside the container, in lockd's PID namespace): any drift between lockd's leases and the
+kernel's locks (or, under the units, systemd's fd store) fails it; then no domain running,
+every disk free and no lease left. Measured step timings are printed at the end of the
+module (``-s`` shows them as they come).
 """
 
 from __future__ import annotations
@@ -191,9 +193,23 @@ def held_by_lockd(disk: Path) -> bool:
     return probe(disk) == "exclusive" and probe_setlk_elsewhere(disk) == "held"
 
 
+def verified(d: lh.DirectLockd | lh.SystemdLockd) -> dict[str, Any]:
+    """``lockctl verify`` finds no drift: every held lease's lock where lockd says it is, no
+    lock held for no lease, and under the units as many fds in systemd's store as leases."""
+    rc, report = d.verify()
+    assert rc == 0 and report["drift"] == [], report
+    held = [x for x in leases(d) if x["state"] == "held"]
+    assert report["held"] == report["locks"] == len(held), (report, held)
+    if isinstance(d, lh.SystemdLockd):
+        assert report["fd_store"] == len(held), report
+    return report
+
+
 def assert_no_orphan(host: lh.LibvirtHost, d: lh.DirectLockd | lh.SystemdLockd) -> None:
-    """Every domain off, lockd lists no lease, and the kernel knows no lock of any kind on
-    any disk (F_OFD_GETLK from this process)."""
+    """lockctl verify finds no drift with the test's domains still running; then every
+    domain off, lockd lists no lease, and the kernel knows no lock of any kind on any disk
+    (F_OFD_GETLK from this process)."""
+    verified(d)
     host.destroy_all()
     wait_until(lambda: leases(d) == [], 30, 0.05, "no lease left")
     for disk in host.disks():
@@ -422,6 +438,7 @@ def test_lockd_indirect_leases_in_a_file_lockspace_dir(
         started(host, "vl-a")
         assert held_by_lockd(lease_file)
         assert probe(disk) == "free"  # the disk itself is not locked: its lease file is
+        assert verified(d)["held"] == 1
         [lease] = leases(d)
         assert (lease["owner"]["name"], lease["owner"]["uuid"]) == (
             "vl-a",

@@ -6,15 +6,20 @@ process holds an OFD lock on it across the restart). Then the owner's fence poli
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from e2e import Daemon, Owners, hold_lock, probe, probe_setlk_elsewhere
+from e2e import Daemon, Owners, hold_lock, message, probe, probe_setlk_elsewhere, wait_until
+from test_verify import setlk, steal_fd
 
 from lockd import errors
+from lockd.service import LOST_EARLIER
 
 
 def wait_exit(p, timeout: float = 15.0) -> int:
@@ -163,3 +168,77 @@ def test_lost_lease_stays_lost_across_a_later_restart(
     assert daemon.status()["recovery"]["retaken"] == 1
     daemon.release(files[0], owner=o)  # the owner acknowledges
     assert probe(files[0]) == "free" and owner.poll() is None
+
+
+def replayed(d: Daemon, owner: str, n: int) -> dict[str, dict[str, Any]]:
+    """The ``n`` lost events a new Watch subscriber is sent at once, by resource."""
+    with d.connect() as conn:
+        conn.send_raw(message("io.lockd.Watch", {"owner": owner}, more=True))
+        assert conn.recv_message()["parameters"]["event"]["event"] == "watching"
+        events = [conn.recv_message()["parameters"]["event"] for _ in range(n)]
+    assert {e["event"] for e in events} == {"lost"}, events
+    return {e["resource"]: e for e in events}
+
+
+def test_watch_replays_each_loss_with_its_own_reason(
+    make_daemon, owners: Owners, files: list[Path], tmp_path: Path
+) -> None:
+    """A Watch subscriber is sent every lost lease of its owner again, each with the loss's
+    own reason and time: a lock dropped at run time (found by the verifier), one taken in a
+    crash's gap (found by recovery), and both again after a restart (read back from the
+    journal's history); once history no longer holds them, a reason that says so."""
+    (tmp_path / "ls").mkdir()
+    conf = (
+        'verify_interval = 0.1\nshared_lockspaces = ["ls"]\n'
+        f'[lockspaces]\nls = "{tmp_path / "ls"}"\n'
+    )
+    d = make_daemon(config=conf)
+    vm = owners.spawn()
+    o = d.register(vm.pid, fence="none")["uuid"]
+    run = d.acquire("vm-disk", owner=o, lockspace="ls")
+    d.acquire(files[0], owner=o)
+    # the lock dropped behind lockd's back at run time: the verifier finds it
+    fd = steal_fd(
+        d.pid,
+        next(
+            x["fd"]
+            for x in d.call("io.lockd.Admin.ListDescriptors")["descriptors"]
+            if x["token"] == run["token"]
+        ),
+    )
+    try:
+        setlk(fd, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+    dropped = "the filesystem dropped the lock: nobody holds it any more"
+    wait_until(lambda: [x["state"] for x in d.leases() if x["token"] == run["token"]] == ["lost"],
+               10, 0.02, "the run-time loss")  # fmt: skip
+    assert replayed(d, o, 1)["vm-disk"]["reason"] == dropped
+    # and one taken in the gap of a crash
+    d.kill()
+    with hold_lock(files[0]):
+        d.start()
+    events = replayed(d, o, 2)
+    assert events["vm-disk"]["reason"] == dropped  # from the journal's history
+    journaled = [e for e in d.history(limit=100) if e["event"] == "lost"]
+    assert events["vm-disk"]["at"] == next(e["at"] for e in journaled if e["resource"] == "vm-disk")
+    assert events[str(files[0])]["reason"] == "taken by another holder while lockd was down"
+    assert all(e["owner"] == o for e in events.values())
+    # the same after one more restart, both from history now
+    d.kill()
+    d.start()
+    again = replayed(d, o, 2)
+    assert {r: e["reason"] for r, e in again.items()} == {r: e["reason"] for r, e in events.items()}
+    # history pruned past them: said so, not made up
+    assert d.config_path is not None
+    d.config_path.write_text(
+        conf.replace("verify_interval", "history_retention = 1\nverify_interval")
+    )
+    d.kill()
+    d.start()
+    d.register(owners.spawn().pid)  # a newer event: the retention keeps only that one
+    wait_until(lambda: not [e for e in d.history(limit=100) if e["event"] == "lost"], 10, 0.05,
+               "the lost events pruned")  # fmt: skip
+    pruned = replayed(d, o, 2)
+    assert {e["reason"] for e in pruned.values()} == {LOST_EARLIER}
+    assert vm.poll() is None  # fence none: reported only

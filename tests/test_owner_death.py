@@ -189,3 +189,33 @@ def test_pid_reuse_while_running_is_not_the_owner(
     while not is_free(files[1]):
         assert time.monotonic() - t0 < 5
         time.sleep(0.002)
+
+
+def test_owner_killed_as_lockd_stops_logs_no_error(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    """An owner that dies while lockd stops (SIGTERM): a clean stop logs no error (its death
+    is not processed once the journal is closing: "Cannot operate on a closed database" was
+    logged), its lease stays journaled, and the next start releases it (the owner is dead):
+    the file is free from outside. Both signals are sent back to back, in either order, a
+    few times, since which one the daemon's loop sees first is up to the kernel."""
+    for i in range(6):
+        vm = owners.spawn()
+        uuid = daemon.register(vm.pid, name=f"vm{i}")["uuid"]
+        daemon.acquire(files[0], owner=uuid)
+        mark = len(daemon.stderr_text())
+        assert daemon.proc is not None
+        if i % 2:
+            daemon.proc.send_signal(signal.SIGTERM)
+            vm.kill()
+        else:
+            vm.kill()
+            daemon.proc.send_signal(signal.SIGTERM)
+        vm.wait()
+        assert daemon.wait_exit() == 0
+        said = daemon.stderr_text()[mark:]
+        assert "ERROR" not in said and "Traceback" not in said, said
+        daemon.start()
+        assert daemon.leases() == [], daemon.leases()
+        assert is_free(files[0])
+        assert not [o for o in daemon.owners() if o["uuid"] == uuid]

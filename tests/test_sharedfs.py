@@ -13,17 +13,26 @@ the default (``off``) switches it and remounts. A client reconnect is produced f
 ``ss -K`` resets mount A's TCP connection to the brick, the brick drops every lock of that
 client at once, and the client reconnects ~3 s later (the recipe's finding).
 
+Every two-host test runs ``lockctl verify`` on each host's lockd (:func:`assert_no_drift`): any
+drift between a daemon's leases and what the storage holds fails it. The kernel keeps no
+record of a lock GlusterFS's FUSE client arbitrates, so verify checks those leases by the
+filesystem's answers (lockd/verify.py); every held lease here must have been checked so.
+
 Measured figures (gaps, detection times) are printed at the end of the module.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,9 @@ from typing import Any
 import gluster_harness as gh
 import pytest
 import sd_harness as sd
+import vlharness as vl
 from e2e import Conn, Daemon, Owners, is_free, message, probe, probe_setlk_elsewhere, wait_until
+from test_verify import EXIT_DRIFT, setlk, steal_fd, systemd_verify
 
 from lockd import errors
 
@@ -125,6 +136,25 @@ def hosts(
     return make
 
 
+def no_drift(report: dict[str, Any], what: str) -> dict[str, Any]:
+    """A verify report without drift, in which every held lease on the volume was checked
+    by the filesystem's answers (the kernel has no record of them: lockd/verify.py)."""
+    assert report["drift"] == [], f"{what}: {report}"
+    assert report["remote"] == report["held"], f"{what}: {report}"
+    return report
+
+
+def assert_no_drift(*hosts: Host) -> None:
+    """``lockctl verify`` on each host's lockd (at once) finds no drift (exit status 0)."""
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        outs = list(pool.map(lambda h: h.daemon.lockctl("verify", "-J"), hosts))
+    for h, out in zip(hosts, outs, strict=True):
+        assert out.returncode == 0, (
+            f"host {h.name}: lockctl verify exited {out.returncode}\n{out.stdout}{out.stderr}"
+        )
+        no_drift(json.loads(out.stdout)["verify"], f"host {h.name}")
+
+
 def watch(daemon: Daemon, owner: str) -> tuple[Conn, list[dict[str, Any]], threading.Thread]:
     """A Watch subscription read by a thread into a list (until the connection ends)."""
     conn = daemon.connect(timeout=60)
@@ -173,6 +203,7 @@ def test_exclusion_across_hosts(hosts: Callable[..., tuple[Host, Host]], owners:
     b.acquire(r, vb, shared=True)
     assert probe(a.lease_file(r)) == probe(b.lease_file(r)) == "shared"
     assert probe_setlk_elsewhere(b.lease_file(r)) == "held"
+    assert_no_drift(a, b)
     vc = a.register(owners.spawn().pid)
     with pytest.raises(errors.ResourceBusy):
         a.acquire(r, vc)
@@ -210,6 +241,7 @@ def test_kill9_of_a_retakes_from_the_journal_and_b_stays_out(
     listed = {x["resource"]: x for x in a.daemon.lockctl_json("locks")["leases"]}
     assert {r: listed[r]["token"] for r in rs} == tokens
     assert {listed[r]["continuity"] for r in rs} == {"retaken"}
+    assert_no_drift(a, b)
     figures.add(
         f"kill -9 of A, no fd store: lock free on B after {free_after * 1000:.0f} ms, A READY "
         f"and holding again {ready * 1000:.0f} ms after the kill (4 leases re-taken)"
@@ -265,6 +297,8 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
             )
             listed = m.lockctl_json("locks")["leases"]
             assert {x["continuity"] for x in listed} == {"kept"} and len(listed) == len(rs)
+            _, report = systemd_verify(m)
+            assert no_drift(report, "host A")["fd_store"] == len(rs), report
         for f in files_b:
             assert probe_setlk_elsewhere(f) == "held"
         # The storage drops A's locks while they sit in the store (no verifier here:
@@ -274,6 +308,21 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
         bed.reset_connection("a")
         wait_until(lambda: is_free(files_b[0]), 10, 0.005, "A's locks dropped by the brick")
         b.acquire(rs[0], vb)
+        # lockd on A still lists them held; once A's client is back, lockctl verify sees that
+        # the storage does not: B's lockd holds the first, nobody the others
+        bed.wait_reconnected("a")
+        wait_until(lambda: _answers(a_leases / files_b[0].name), 30, 0.1, "mount A answering")
+        rc, report = systemd_verify(m)
+        assert rc == EXIT_DRIFT, report
+        found = {f["resource"]: f for f in report["drift"]}
+        assert set(found) == set(rs), report
+        assert found[rs[0]]["kind"] == "lock-missing", report
+        assert f"pid {b.daemon.pid} holds byte 0" in found[rs[0]]["detail"], report
+        assert {found[r]["kind"] for r in rs[1:]} == {"probe"}, report["drift"]
+        figures.add(
+            f"lockctl verify on A after that reset, its {len(rs)} leases still listed held: "
+            f"drift on all ({found[rs[0]]['detail']}; {len(rs) - 1} seen free)"
+        )
         r = m.kill_and_wait(signal.SIGKILL)
         status = m.lockctl_json("status")["status"]["recovery"]
         assert (status["adopted"], status["lost"]) == (0, len(rs)), status
@@ -282,6 +331,9 @@ def test_abort_under_systemd_with_the_fd_store_never_lets_b_in(
         assert all("the filesystem dropped the lock" in e["reason"] for e in lost), lost
         assert vm_a.wait(15) == -signal.SIGKILL  # fenced: the default policy
         assert probe_setlk_elsewhere(files_b[0]) == "held" and b.lease(rs[0])["state"] == "held"
+        _, report = systemd_verify(m)  # nothing held, nothing left in the store
+        assert no_drift(report, "host A")["fd_store"] == 0, report
+        assert_no_drift(b)
         figures.add(
             f"A's storage connection reset while its {len(rs)} leases sat in the fd store, "
             f"then kill -9: the new instance found them dropped at adoption, all lost, owner "
@@ -308,6 +360,7 @@ def test_owner_death_on_a_frees_the_resource_for_b(
     freed = time.monotonic() - t0
     b.acquire(r, vb)
     assert probe(a.lease_file(r)) == "exclusive"
+    assert_no_drift(a, b)
     figures.add(f"owner killed on A: free on mount B {freed * 1000:.1f} ms later")
 
 
@@ -348,6 +401,7 @@ def test_lease_taken_by_b_in_a_gap_is_lost_and_fenced(
     wait_until(lambda: events, 10, what="a Watch event")
     assert events[0]["event"] == "lost" and events[0]["resource"] == r1
     conn.close()
+    assert_no_drift(a, b)
 
 
 # --- locks dropped behind lockd's back ------------------------------------------------------
@@ -419,6 +473,8 @@ def test_reconnect_with_strict_locks_is_a_lost_lease(
         e["reason"] for e in a.daemon.history() if e["event"] == "lost" and e["resource"] == r3
     )
     bed.wait_reconnected("a")
+    wait_until(lambda: _answers(a.lease_file(r1)), 30, 0.1, "mount A answering again")
+    assert_no_drift(a, b)
     figures.add(
         f"ss -K of A's brick connection (strict-locks on, verify_interval 0.5 s): B could lock "
         f"after {b_in * 1000:.0f} ms; A found the loss {(b_in + detected) * 1000:.0f} ms "
@@ -509,11 +565,138 @@ def test_strict_locks_off_is_refused_or_allowed_with_warnings(
         r2: "the filesystem dropped the lock: nobody holds it any more",
     }
     assert vm.poll() is None  # fence none: reported only
+    assert_no_drift(a, b)
     figures.add(
         f"strict-locks off: A's client reconnected and reopened its fds without their locks "
         f"{reopened:.1f} s after the reset, silently; A's verifier found both drops "
         f"{found * 1000:.0f} ms after A ran again"
     )
+
+
+# --- a lockspace created over virtlockd's protocol (libvirt's file_lockspace_dir) -----------
+
+
+def libvirt_lease(disk: str) -> str:
+    """The lease file libvirt names for a disk in file_lockspace_dir: sha256 of its path."""
+    return hashlib.sha256(disk.encode()).hexdigest()
+
+
+def test_libvirt_lockspace_on_the_volume_is_verified_and_fenced(
+    bed: gh.GlusterBed,
+    hosts: Callable[..., tuple[Host, Host]],
+    owners: Owners,
+    runtime_dir: Path,
+    figures: Figures,
+) -> None:
+    """libvirt's ``file_lockspace_dir`` on the volume: the lockspace libvirtd creates with
+    CREATE_LOCKSPACE (then ACQUIRE with AUTOCREATE) on host A is classified and verified as
+    a configured one. Host B, whose configured lockspace is the same directory (the same
+    lease files), is kept out; lockctl verify checks it; it is back after a restart of lockd;
+    a storage reset makes its lease lost: journaled, the owner fenced."""
+    sock = runtime_dir / "vl.sock"
+    a, b = hosts(f'verify_interval = 0.5\nvirtlockd_socket = "{sock}"\n', "verify_interval = 0.5\n")
+    lockspace = str(a.leases)  # the volume directory, through mount A
+    disk = "/var/lib/libvirt/images/vm-a.img"
+    name = libvirt_lease(disk)
+    vm = owners.spawn()
+    with vl.Conn(sock) as hook:
+        assert hook.create_lockspace(lockspace).ok
+        assert hook.register(uuid.uuid4().bytes, "vm-a", 1, vm.pid).ok
+        got = hook.acquire(name, lockspace, vl.AUTOCREATE)
+        assert got.ok, got.error
+    classified = f"lockspace {lockspace}: shared storage, {lockspace} on fuse.glusterfs"
+    assert classified in a.daemon.stderr_text()
+    assert probe(b.lease_file(disk)) == "exclusive"
+    vb = b.register(owners.spawn().pid)
+    with pytest.raises(errors.ResourceBusy):
+        b.acquire(disk, vb)
+    assert_no_drift(a)
+    # lockd restarted: the lockspace comes back from the journal, classified again at start-up
+    a.daemon.kill()
+    a.daemon.start()
+    assert a.daemon.stderr_text().count(classified) == 2
+    lease = a.lease(name)
+    assert (lease["lockspace"], lease["state"], lease["continuity"]) == (
+        lockspace,
+        "held",
+        "retaken",
+    )
+    # the storage drops A's locks: B gets in, A's verifier finds the lease lost and fences
+    t0 = time.monotonic()
+    bed.reset_connection("a")
+    wait_until(lambda: is_free(b.lease_file(disk)), 10, 0.005, "the lease free on B")
+    b.acquire(disk, vb)
+    assert vm.wait(15) == -signal.SIGKILL  # found lost, fenced (then released: it died)
+    found = time.monotonic() - t0
+    hist = a.daemon.history()
+    lost = [e for e in hist if e["event"] == "lost" and e["resource"] == name]
+    assert len(lost) == 1 and "dropped the lock" in lost[0]["reason"], hist
+    assert lost[0]["lockspace"] == lockspace
+    bed.wait_reconnected("a")
+    wait_until(lambda: _answers(a.lease_file(disk)), 30, 0.1, "mount A answering again")
+    assert_no_drift(a, b)
+    figures.add(
+        f"a lockspace created over virtlockd's protocol on the volume: classified at creation "
+        f"and at restart; ss -K of A's connection: lease lost and owner fenced "
+        f"{found * 1000:.0f} ms after the reset"
+    )
+
+
+def test_libvirt_lockspace_on_unsafe_storage_is_refused(
+    strict_off: gh.GlusterBed,
+    hosts: Callable[..., tuple[Host, Host]],
+    owners: Owners,
+    runtime_dir: Path,
+) -> None:
+    """client.strict-locks off: CREATE_LOCKSPACE in a directory of the volume is refused
+    (libvirt's error reply, naming the mount and the fix), and nothing is journaled; with
+    allow_unsafe_storage naming the directory it is created, with warnings. Restarted
+    without that allowance, lockd keeps the lockspace and re-takes its lease, but refuses the
+    lockspace when libvirtd asks for it again and every new lease in it."""
+    bed = strict_off
+    sub = f"libvirt-{uuid.uuid4().hex[:8]}"
+    (bed.mount("a") / sub).mkdir()
+    dir_a, dir_b = str(bed.mount("a") / sub), str(bed.mount("b") / sub)
+    sock_a, sock_b = runtime_dir / "vla.sock", runtime_dir / "vlb.sock"
+    allow = f'allow_unsafe_storage = ["{dir_b}"]\n'
+    a, b = hosts(f'virtlockd_socket = "{sock_a}"\n', f'virtlockd_socket = "{sock_b}"\n{allow}')
+    vm = owners.spawn()
+    with vl.Conn(sock_a) as hook:
+        refused = hook.create_lockspace(dir_a)
+        assert refused.code == 84, refused.error  # VIR_ERR_OPERATION_UNSUPPORTED
+        assert refused.message is not None
+        assert refused.message.startswith(f"Operation not supported: lockspace {dir_a} is on ")
+        assert "client.strict-locks on" in refused.message and "allow_unsafe_storage" in (
+            refused.message
+        )
+        assert hook.register(uuid.uuid4().bytes, "vm-a", 1, vm.pid).ok
+        missing = hook.acquire(libvirt_lease("/d1"), dir_a, vl.AUTOCREATE)
+        assert missing.message == f"internal error: Lockspace for path {dir_a} does not exist"
+    assert f"lockspace {dir_a}: " in a.daemon.stderr_text()
+    assert "its creation is refused" in a.daemon.stderr_text()
+    # allowed: created, with a warning, and its lease taken
+    vm_b = uuid.uuid4().bytes
+    with vl.Conn(sock_b) as hook:
+        assert hook.create_lockspace(dir_b).ok
+        assert hook.register(vm_b, "vm-b", 1, vm.pid).ok
+        assert hook.acquire(libvirt_lease("/d1"), dir_b, vl.AUTOCREATE).ok
+    assert "allowed by allow_unsafe_storage" in b.daemon.stderr_text()
+    assert probe(Path(dir_a) / libvirt_lease("/d1")) == "exclusive"
+    # restarted without the allowance: the lockspace and its lease stay, new ones are refused
+    assert b.daemon.config_path is not None
+    b.daemon.config_path.write_text(b.daemon.config_path.read_text().replace(allow, ""))
+    b.daemon.kill()
+    b.daemon.start()
+    assert b.lease(libvirt_lease("/d1"))["continuity"] == "retaken"
+    assert f"lockspace {dir_b}: " in b.daemon.stderr_text().rsplit("===== start", 1)[1]
+    with vl.Conn(sock_b) as hook:
+        again = hook.create_lockspace(dir_b)
+        assert again.code == 84 and "strict-locks on" in str(again.message), again.error
+        assert hook.register(vm_b, "vm-b", 1, vm.pid).ok
+        more = hook.acquire(libvirt_lease("/d2"), dir_b, vl.AUTOCREATE)
+        assert not more.ok and "strict-locks on" in str(more.message), more.error
+    assert probe(Path(dir_a) / libvirt_lease("/d1")) == "exclusive"
+    assert_no_drift(a, b)
 
 
 def test_verifier_leaves_healthy_leases_alone(
@@ -529,6 +712,7 @@ def test_verifier_leaves_healthy_leases_alone(
     time.sleep(1.5)
     assert {x["state"] for x in a.daemon.leases() + b.daemon.leases()} == {"held"}
     assert not [e for e in a.daemon.history() + b.daemon.history() if e["event"] == "lost"]
+    assert_no_drift(a, b)
 
 
 # --- local lockspaces: classified, never probed unless configured -------------------------
@@ -553,14 +737,51 @@ def test_local_lockspace_is_not_shared_unless_configured(
     assert {x["state"] for x in d.leases()} == {"held"}
 
 
+def test_named_lockspace_forced_shared_is_verified(
+    make_daemon: Callable[..., Daemon], owners: Owners, tmp_path: Path, runtime_dir: Path
+) -> None:
+    """A lockspace created over virtlockd's protocol is classified at creation and its
+    leases verified, here on local storage named shared by its directory: a lock dropped
+    behind lockd's back (unlocked through a copy of lockd's own fd) is found, journaled as
+    lost and its owner fenced. A local one not named is never verified."""
+    shared, local = tmp_path / "libvirt-shared", tmp_path / "libvirt-local"
+    sock = runtime_dir / "vl.sock"
+    d = make_daemon(
+        config=f'verify_interval = 0.1\nvirtlockd_socket = "{sock}"\n'
+        f'shared_lockspaces = ["{shared}"]\n'
+    )
+    vm = owners.spawn()
+    with vl.Conn(sock) as hook:
+        assert hook.create_lockspace(str(shared)).ok and hook.create_lockspace(str(local)).ok
+        assert hook.register(uuid.uuid4().bytes, "vm", 1, vm.pid).ok
+        for ls in (shared, local):
+            assert hook.acquire(libvirt_lease("/d"), str(ls), vl.AUTOCREATE).ok
+    assert f"lockspace {shared}: shared storage" in d.stderr_text()
+    assert f"lockspace {local}:" not in d.stderr_text()
+    fds = {x["lockspace"]: x for x in d.call("io.lockd.Admin.ListDescriptors")["descriptors"]}
+    fd = steal_fd(d.pid, fds[str(shared)]["fd"])
+    try:
+        setlk(fd, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+    assert vm.wait(15) == -signal.SIGKILL  # found lost, fenced
+    lost = [e for e in d.history() if e["event"] == "lost"]
+    assert [(e["lockspace"], e["reason"]) for e in lost] == [
+        (str(shared), "the filesystem dropped the lock: nobody holds it any more")
+    ]
+
+
 def test_config_keys_are_checked(make_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     for bad, what in (
         ("verify_interval = -1\n", "verify_interval must be >= 0"),
         ('shared_lockspaces = ["nope"]\n', "shared_lockspaces: 'nope' is not a configured"),
         ('allow_unsafe_storage = "x"\n', "allow_unsafe_storage has the wrong type"),
         ("shared_lockspaces = [1]\n", "shared_lockspaces must be a list of lockspace names"),
+        ('allow_unsafe_storage = ["/a/../b"]\n', "nor a directory (an absolute, normalized"),
     ):
         d = make_daemon(config=bad, start=False)
         proc = d.spawn()
         assert proc.wait(30) == 2
         assert what in d.stderr_text(), (bad, d.stderr_text())
+    # a directory names a lockspace created over virtlockd's protocol (none exists yet)
+    make_daemon(config='shared_lockspaces = ["/srv/leases"]\nallow_unsafe_storage = ["/srv/x"]\n')

@@ -58,4 +58,6 @@ def test_torture_two_hosts_short_run(tmp_path: Path) -> None:
     # the run did what it is for: crashes and storage resets, leases lost and re-taken
     assert "resets of" in lines["crashes"], out.stdout
     assert int(lines["crashes"].split()[1].rstrip(";")) > 0, out.stdout
+    # lockctl verify ran on both hosts at the end and found no drift (violations 0)
+    assert "lockctl verify 2 at the end" in lines["checks"], out.stdout
     print(out.stdout)

@@ -29,16 +29,21 @@ both hosts from outside:
   nor cut off from the storage since the previous check; ``lost-not-fenced``,
   ``fenced-without-loss``, ``owner-death-not-released``: as in the one-host checker;
 - ``token-went-back``: per daemon (each host has its own token sequence);
+- ``verify-drift`` / ``verify``: at the end, ``lockctl verify`` on each host found drift
+  between its daemon's leases and what the storage holds (lockd/verify.py checks leases on
+  the volume by GlusterFS's own answers: the kernel keeps no record of them);
 - plus every violation the client threads name as they go (idempotency, token reuse, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -194,6 +199,9 @@ class MultiHost:
         self.stats["cycles"] = cycle
         for h in self.hosts:
             h.gate.pause()
+        if not self.log.violations:  # everything at rest after the last check
+            for h in self.hosts:
+                self.verify(h)
         self.stats["wall ms"] = int((time.monotonic() - self.wall_start) * 1000)
         return 1 if self.log.violations else 0
 
@@ -431,6 +439,26 @@ class MultiHost:
             if o.fenced and not o.accounted and o.uuid not in h.lost_owners:
                 self.violation("fenced-without-loss", f"host {h.name}: {o.name} was SIGKILLed")
 
+    def verify(self, h: Host) -> None:
+        """``lockctl verify`` of one host's lockd: its leases against the storage's locks."""
+        out = subprocess.run(
+            [sys.executable, "-m", "lockd.cli", "--admin-socket", str(h.lockd.admin_socket),
+             "verify", "-J"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        self.stats["verify runs"] += 1
+        if out.returncode == 7:
+            for f in json.loads(out.stdout)["verify"]["drift"]:
+                self.violation("verify-drift", f"host {h.name}: lockctl verify: {f}")
+        elif out.returncode != 0:
+            self.violation(
+                "verify", f"host {h.name}: lockctl verify exited {out.returncode}: {out.stderr}"
+            )
+        else:
+            report = json.loads(out.stdout)["verify"]
+            self.stats["leases verified at the end"] += report["held"]
+            self.log.write(f"verify: host {h.name}: {report}")
+
     # -- reporting and teardown --------------------------------------------------------------
     def progress(self, cycle: int) -> None:
         ops = sum(h.model.stats["operations"] for h in self.hosts)
@@ -468,7 +496,8 @@ class MultiHost:
                 f"stalls      {s['daemon stalls over 2 s']} checks found a daemon blocked over 2 s "
                 f"in a storage call (longest {s['longest stall ms'] / 1000:.1f} s)",
                 f"checks      {self.checks} (leases held at checks {s['leases held at checks']}"
-                f", lost at checks {s['leases lost at checks']})",
+                f", lost at checks {s['leases lost at checks']}; lockctl verify {s['verify runs']}"
+                f" at the end, {s['leases verified at the end']} leases held)",
                 f"violations  {len(self.log.violations)}",
                 f"wall time   {s['wall ms'] / 1000:.1f} s",
             ]
