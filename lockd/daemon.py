@@ -257,7 +257,7 @@ class Daemon:
             nofile,
             extra={"LOCKD_EVENT": "ready"},
         )
-        notify.notify(f"READY=1\nSTATUS={server.status_line()}")
+        notify.deliver(loop, f"READY=1\nSTATUS={server.status_line()}")
         # -- serve
         timers: list[Ticker | Pruner | sharedfs.Verifier] = [
             verifier,
@@ -266,7 +266,9 @@ class Daemon:
         ]
         interval = notify.watchdog_interval()
         if interval is not None:
-            timers.append(Ticker(loop, interval, lambda: notify.notify("WATCHDOG=1")))
+            timers.append(
+                Ticker(loop, interval, lambda: notify.deliver(loop, "WATCHDOG=1", interval))
+            )
         if self.config.metrics_textfile_dir is not None:
             timers.append(textfile_writer(loop, self.config, server))
         while True:
@@ -279,7 +281,7 @@ class Daemon:
                 lease.fdname: lease.fd for lease in outcome.table.leases() if lease.fd is not None
             }
             log.info("re-executing with %d lease fds", len(held), extra={"LOCKD_EVENT": "reexec"})
-            notify.notify("RELOADING=1")
+            notify.deliver(loop, "RELOADING=1")
             try:
                 handover.reexec(
                     handover.Handover(
@@ -290,7 +292,7 @@ class Daemon:
                 )
             except OSError as exc:  # the new image cannot start: keep serving with this one
                 log.error("re-exec failed: %s", exc, extra={"LOCKD_EVENT": "reexec-failed"})
-                notify.notify("READY=1")
+                notify.deliver(loop, "READY=1")
                 self.reexec_requested = False
                 self.stop.clear()
         # -- shutdown: nothing is released; the journal keeps every lease. Nothing may reach
@@ -301,7 +303,7 @@ class Daemon:
         for timer in timers:
             timer.cancel()
         service.stop_watching_owners()
-        notify.notify("STOPPING=1")
+        notify.deliver(loop, "STOPPING=1")
         log.info(
             "stopping; %d leases stay journaled", outcome.table.count, extra={"LOCKD_EVENT": "stop"}
         )

@@ -22,8 +22,12 @@ import array
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import systemd.daemon as sd_daemon
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("lockd")
 
@@ -83,12 +87,36 @@ class _Notifier:
 _notifier = _Notifier()
 
 
-def notify(message: str) -> None:
-    """A best-effort state message (READY, STATUS, WATCHDOG, STOPPING)."""
+def notify(message: str) -> bool:
+    """A state message, sent at once or not at all (False: the receiver's queue is full, or
+    the send failed). STATUS may be dropped: the next one follows; see :func:`deliver` for
+    the messages that must arrive."""
     try:
         _notifier.send(message)
     except OSError as exc:
         log.debug("sd_notify dropped %r: %s", message.split("=", 1)[0], exc)
+        return False
+    return True
+
+
+RETRY = 0.05
+
+
+def deliver(loop: asyncio.AbstractEventLoop, message: str, within: float = 10.0) -> None:
+    """Send a message that must reach systemd (READY, RELOADING, STOPPING, WATCHDOG),
+    retrying from the event loop every 50 ms while the queue is full, for up to ``within``
+    seconds; the loop is never blocked. Why: while lockd parks fds, systemd 252 reads its
+    notify queue slowly (it compares each stored fd with every other one: ~4 ms each at
+    10,000, tests/test_systemd.py), so the queue is often full right when recovery has
+    parked its re-taken leases and READY=1 follows; dropped, READY=1 would leave the start
+    to time out, and WATCHDOG=1 dropped for WatchdogSec= would get lockd aborted."""
+    deadline = loop.time() + within
+
+    def attempt() -> None:
+        if not notify(message) and loop.time() + RETRY < deadline:
+            loop.call_later(RETRY, attempt)
+
+    attempt()
 
 
 def listen_fds() -> dict[str, int]:
