@@ -550,13 +550,18 @@ class LockService:
 
     # -- release --------------------------------------------------------------------------
     def _find(self, owner: Owner, ls: str, resource: str) -> tuple[Lease | None, str | None]:
+        """The owner's lease a Release names: the one taken under that name (no stat), else
+        the one on the file the name leads to now (another path to it), else any taken
+        under that name (the file may be gone, or now another inode)."""
+        lease = owner.by_name.get(resource)
+        if lease is not None and lease.lockspace == ls:
+            return lease, lease.rkey
         try:
             rkey = self.lockspaces.key(ls, resource)
         except LockdError:
             rkey = None
         if rkey is not None and (ls, rkey) in owner.leases:
             return owner.leases[(ls, rkey)], rkey
-        # the file may be gone, or now another inode: match by the name it was taken with
         for lease in owner.leases.values():
             if lease.lockspace == ls and lease.resource == resource:
                 return lease, lease.rkey

@@ -377,18 +377,11 @@ class VirtlockdConnection(CallConnection[Event]):
         self._newest = self.service.commit.last_token  # a lease granted now gets a larger one
         return self.service.acquire_nowait(owner, ls, args.name, "exclusive", None, self.peer)
 
-    def _held(self, owner: Owner, ls: str, name: str) -> Lease | None:
-        # by the name it was taken with (an owner holds a VM's few disks), else by the file
-        for lease in owner.leases.values():
-            if lease.resource == name and lease.lockspace == ls:
-                return lease
-        return self.service.held_by(owner, ls, name)
-
     def _release(self, owner: Owner, args: ResourceArgs) -> asyncio.Future[dict[str, Any]]:
         ls = self._lockspace(args.path)
         self._name, self._create = args.name, False
-        held = self._held(owner, ls, args.name)
-        if held is None:
+        # by the name it was taken with, else by the file (LockService._find)
+        if self.service.held_by(owner, ls, args.name) is None:
             if self.service.holders(ls, args.name):
                 raise _refuse(
                     ERR_INTERNAL_ERROR,
