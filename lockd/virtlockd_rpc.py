@@ -36,7 +36,7 @@ import enum
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from lockd.errors import ProtocolError
 
@@ -45,6 +45,7 @@ VERSION = 1
 # virNetMessageHeader, preceded by the length word
 _HEADER = struct.Struct(">IIIiiIi")
 HEADER_SIZE = _HEADER.size  # 28
+_HEADER_ONLY = struct.Struct(">IIiiIi")  # the header after the length word
 _U32 = struct.Struct(">I")
 _I32 = struct.Struct(">i")
 STRING_MAX = 65536  # VIR_LOCK_SPACE_PROTOCOL_STRING_MAX
@@ -115,8 +116,7 @@ class FrameError(ProtocolError):
     """The byte stream is not libvirt RPC (bad length, garbage): close the connection."""
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     program: int
     version: int
     procedure: int
@@ -151,8 +151,7 @@ class RpcError:
 # --- call arguments (lock_protocol.x) ---------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RegisterArgs:
+class RegisterArgs(NamedTuple):
     uuid: bytes
     name: str
     id: int
@@ -164,19 +163,16 @@ class RegisterArgs:
         return str(uuidlib.UUID(bytes=self.uuid))
 
 
-@dataclass(frozen=True, slots=True)
-class RestrictArgs:
+class RestrictArgs(NamedTuple):
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
-class NewArgs:
+class NewArgs(NamedTuple):
     path: str
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
-class ResourceArgs:
+class ResourceArgs(NamedTuple):
     """CREATE_RESOURCE, DELETE_RESOURCE, ACQUIRE_RESOURCE, RELEASE_RESOURCE."""
 
     path: str
@@ -184,16 +180,14 @@ class ResourceArgs:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
-class CreateLockspaceArgs:
+class CreateLockspaceArgs(NamedTuple):
     path: str
 
 
 Args = RegisterArgs | RestrictArgs | NewArgs | ResourceArgs | CreateLockspaceArgs
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(NamedTuple):
     header: Header
     args: Args
 
@@ -202,16 +196,14 @@ class Call:
         return Proc(self.header.procedure)
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     """A call answered with an error without being dispatched."""
 
     header: Header
     error: RpcError
 
 
-@dataclass(frozen=True, slots=True)
-class Dropped:
+class Dropped(NamedTuple):
     """A message that is not a call: virtlockd answers nothing, and neither do we."""
 
     header: Header
@@ -277,8 +269,44 @@ def rpc_error(detail: str) -> RpcError:
     return RpcError.of(ERR_RPC, FROM_RPC, detail)
 
 
-def _event(header: Header, buf: bytes | bytearray | memoryview, start: int, end: int) -> Event:
+def _resource_at(buf: bytes | bytearray, pos: int, end: int) -> ResourceArgs:
+    """ResourceArgs {path, name, flags} straight from the buffer: the arguments of every
+    ACQUIRE and RELEASE, decoded as :class:`_Reader` would, with a few calls instead of ten."""
+    strings: list[str] = []
+    for _ in range(2):  # path, name
+        if pos + 4 > end:
+            raise _Short
+        (n,) = _U32.unpack_from(buf, pos)
+        start = pos + 4
+        pos = start + n + (-n % 4)
+        if n > STRING_MAX or pos > end:
+            raise _Short
+        strings.append(str(buf[start : start + n], "utf-8", "surrogateescape"))
+    if pos + 4 > end:
+        raise _Short
+    return ResourceArgs(strings[0], strings[1], _U32.unpack_from(buf, pos)[0])
+
+
+# the procedures whose arguments are ResourceArgs (the hot path: _resource_at)
+_RESOURCE_PROCS = frozenset(
+    (Proc.CREATE_RESOURCE, Proc.DELETE_RESOURCE, Proc.ACQUIRE_RESOURCE, Proc.RELEASE_RESOURCE)
+)
+_CALL = int(MsgType.CALL)
+
+
+def _event(header: Header, buf: bytes | bytearray, start: int, end: int) -> Event:
     """What a whole frame (its body at buf[start:end]) means; never raises."""
+    if (
+        header.procedure in _RESOURCE_PROCS
+        and header.type == _CALL
+        and header.program == PROGRAM
+        and header.version == VERSION
+        and header.status == STATUS_OK
+    ):  # an ACQUIRE or RELEASE (what the general path below does, in fewer steps)
+        try:
+            return Call(header, _resource_at(buf, start, end))
+        except _Short:
+            return Rejected(header, rpc_error("Unable to decode message payload"))
     is_call = header.type in (MsgType.CALL, MsgType.CALL_WITH_FDS)
     if header.program != PROGRAM or header.version != VERSION:
         # virNetServerProgramUnknownError; the reply carries the program and version asked for
@@ -322,13 +350,19 @@ class Decoder:
         them (the rest stay buffered for a later call, which may pass ``b""``)."""
         if self._broken is not None:
             raise self._broken
-        buf = self._buf
-        buf += data
+        held = self._buf
+        # frames are decoded from ``data`` itself when nothing is held (the usual case:
+        # one read, whole frames), else from the buffer it is appended to
+        buf: bytes | bytearray = data
+        if held:
+            held += data
+            buf = held
         out: list[Event] = []
         pos = 0
+        size = len(buf)
         try:
             while limit is None or len(out) < limit:
-                if len(buf) - pos < 4:
+                if size - pos < 4:
                     break
                 (length,) = _U32.unpack_from(buf, pos)
                 if length < HEADER_SIZE:
@@ -340,17 +374,19 @@ class Decoder:
                         f"frame of {length} bytes is longer than {self.max_frame}",
                         reason="too-big",
                     )
-                if len(buf) - pos < length:
+                if size - pos < length:
                     break
-                _, prog, vers, proc, typ, serial, status = _HEADER.unpack_from(buf, pos)
-                header = Header(prog, vers, proc, typ, serial, status)
+                header = Header(*_HEADER_ONLY.unpack_from(buf, pos + 4))
                 out.append(_event(header, buf, pos + HEADER_SIZE, pos + length))
                 pos += length
         except FrameError as exc:
             self._broken = exc
-            buf.clear()
+            held.clear()
             raise
-        del buf[:pos]
+        if buf is held:
+            del held[:pos]
+        elif pos < size:
+            held += data[pos:]
         return out
 
     @property
