@@ -48,7 +48,8 @@ class GroupCommit:
         self.journal = journal
         self.loop = loop
         self._writes: list[Write] = []  # in submission order
-        self._runs: dict[str, list[Write]] = {sql: [] for sql in REGROUPED}
+        # the hot path's statements: their parameters, each statement's in submission order
+        self._runs: dict[str, list[tuple[Any, ...]]] = {sql: [] for sql in REGROUPED}
         # the batch's futures, in submission order, with their post-commit steps
         self._waiters: dict[asyncio.Future[Any], Then[Any] | None] = {}
         # what to call as soon as one of them is resolved (see call_after_commit)
@@ -70,8 +71,12 @@ class GroupCommit:
         task to wake up."""
         fut: asyncio.Future[T] = self.loop.create_future()
         runs = self._runs
-        for write in writes:
-            runs.get(write[0], self._writes).append(write)
+        for sql, params in writes:
+            run = runs.get(sql)
+            if run is None:
+                self._writes.append((sql, params))
+            else:
+                run.append(params)
         self._waiters[fut] = then
         if not self._scheduled:
             self._scheduled = True
@@ -118,9 +123,6 @@ class GroupCommit:
         self._writes, self._waiters, self._after, self._scheduled = [], {}, {}, False
         if not waiters:
             return
-        for run in self._runs.values():
-            writes += run
-            run.clear()
         token = self.last_token
         reserve = self._stored_token
         if token > reserve:
@@ -130,13 +132,17 @@ class GroupCommit:
             reserve = token + TOKEN_BLOCK
             writes.append(set_meta("last_token", str(reserve)))
         error: JournalError | None = None
+        runs = self._runs
         try:
-            self.journal.commit(writes)
+            self.journal.commit(writes, runs)
         except JournalError as exc:
             log.error("journal commit failed: %s", exc, extra={"LOCKD_EVENT": "journal-error"})
             error = exc
         else:
             self._stored_token = reserve
+        finally:
+            for run in runs.values():
+                run.clear()
         for fut, then in waiters.items():
             self._resolve(fut, then, error)
             fn = after.get(fut)

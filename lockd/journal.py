@@ -483,14 +483,31 @@ class Journal:
             self.conn.execute(_INSERT_HISTORY, (seq, time.time(), orjson.dumps(events)))
             self.next_seq = seq + len(events)
 
-    def commit(self, writes: Iterable[Write]) -> None:
-        """The writes as one transaction; JournalError if it failed (nothing was written).
-        The group commit's path: :meth:`transaction` without its generator."""
+    def commit(
+        self, writes: Iterable[Write], runs: dict[str, list[tuple[Any, ...]]] | None = None
+    ) -> None:
+        """The writes, then ``runs`` (statement -> its parameter lists, as the group commit
+        gathers the hot path's writes; :data:`EVENT`'s become one history row), as one
+        transaction; JournalError if it failed (nothing was written). The group commit's
+        path: :meth:`transaction` without its generator."""
         conn, seq = self.conn, self.next_seq
         try:
             conn.execute("BEGIN")
             try:
-                self.write(writes)
+                if writes:
+                    self.write(writes)
+                if runs is not None:
+                    for sql, params in runs.items():
+                        if not params:
+                            continue
+                        if sql == EVENT:
+                            first = self.next_seq
+                            conn.execute(
+                                _INSERT_HISTORY, (first, time.time(), orjson.dumps(params))
+                            )
+                            self.next_seq = first + len(params)
+                        else:
+                            conn.executemany(sql, params)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
