@@ -188,8 +188,8 @@ class CallConnection(asyncio.Protocol, Generic[C]):
             fut = self.start(queue.popleft())
             if fut is None:
                 continue
-            if fut.done():
-                self._finish(fut)
+            if fut.done():  # a repeat, answered from what is known (never cancelled)
+                self.finish(fut)
                 continue
             self._waiting = True
             # reply in the loop iteration of the commit when the answer waits for one
@@ -203,10 +203,7 @@ class CallConnection(asyncio.Protocol, Generic[C]):
 
     def _answered(self, fut: asyncio.Future[Any]) -> None:
         self._waiting = False
-        self._finish(fut)
-        self._answer_queued()
-        self._flow()
-
-    def _finish(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled():  # cancelled: only at shutdown
             self.finish(fut)
+        self._answer_queued()
+        self._flow()

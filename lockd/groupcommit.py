@@ -83,27 +83,6 @@ class GroupCommit:
             self.loop.call_soon(self.flush)
         return fut
 
-    @staticmethod
-    def _resolve(
-        fut: asyncio.Future[Any], then: Then[Any] | None, error: JournalError | None
-    ) -> None:
-        """Run a request's step after the commit, then resolve its future with the answer.
-        The step runs even when nobody waits for the answer any more (a cancelled future):
-        it settles a lease that other requests may be waiting for."""
-        answer: Any = None
-        failure: Exception | None = error
-        if then is not None:
-            try:
-                answer, failure = then(error), None
-            except Exception as exc:  # the request's refusal (or a bug: an internal error)
-                failure = exc
-        if fut.done():
-            return
-        if failure is None:
-            fut.set_result(answer)
-        else:
-            fut.set_exception(failure)
-
     def call_after_commit(
         self, fut: asyncio.Future[T], fn: Callable[[asyncio.Future[T]], None]
     ) -> bool:
@@ -144,7 +123,21 @@ class GroupCommit:
             for run in runs.values():
                 run.clear()
         for fut, then in waiters.items():
-            self._resolve(fut, then, error)
+            # the request's step after the commit, then its future resolved with the answer;
+            # the step runs even when nobody waits for the answer any more (a cancelled
+            # future): it settles a lease that other requests may be waiting for
+            answer: Any = None
+            failure: Exception | None = error
+            if then is not None:
+                try:
+                    answer, failure = then(error), None
+                except Exception as exc:  # the request's refusal (or a bug: an internal error)
+                    failure = exc
+            if not fut.done():
+                if failure is None:
+                    fut.set_result(answer)
+                else:
+                    fut.set_exception(failure)
             fn = after.get(fut)
             if fn is not None:
                 try:

@@ -292,6 +292,7 @@ _RESOURCE_PROCS = frozenset(
     (Proc.CREATE_RESOURCE, Proc.DELETE_RESOURCE, Proc.ACQUIRE_RESOURCE, Proc.RELEASE_RESOURCE)
 )
 _CALL = int(MsgType.CALL)
+_REPLY = int(MsgType.REPLY)
 
 
 def _event(header: Header, buf: bytes | bytearray, start: int, end: int) -> Event:
@@ -416,7 +417,8 @@ def _reply_header(header: Header, length: int, status: int) -> bytes:
 
 def encode_ok(header: Header) -> bytes:
     """The reply of a call that succeeded (every procedure returns void)."""
-    return _reply_header(header, HEADER_SIZE, STATUS_OK)
+    return _HEADER.pack(HEADER_SIZE, header.program, header.version, header.procedure,
+                        _REPLY, header.serial, STATUS_OK)  # fmt: skip
 
 
 def encode_error_body(err: RpcError) -> bytes:
