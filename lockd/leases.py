@@ -243,12 +243,13 @@ class LeaseTable:
         if owner.by_name.get(lease.resource) is lease:
             del owner.by_name[lease.resource]
         holders = self.by_resource.get(key)
-        if holders is not None and lease in holders:
-            rest = tuple(h for h in holders if h is not lease)
-            if rest:
-                self.by_resource[key] = rest
-            else:
+        if holders is None:
+            return
+        if len(holders) == 1:  # the usual case: its only holder
+            if holders[0] is lease:
                 del self.by_resource[key]
+        elif lease in holders:
+            self.by_resource[key] = tuple(h for h in holders if h is not lease)
 
     def holders(self, lockspace: str, rkey: str) -> list[Lease]:
         return list(self.by_resource.get((lockspace, rkey), ()))

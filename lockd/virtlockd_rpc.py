@@ -271,20 +271,24 @@ def rpc_error(detail: str) -> RpcError:
 
 def _resource_at(buf: bytes | bytearray, pos: int, end: int) -> ResourceArgs:
     """ResourceArgs {path, name, flags} straight from the buffer: the arguments of every
-    ACQUIRE and RELEASE, decoded as :class:`_Reader` would, with a few calls instead of ten."""
-    strings: list[str] = []
-    for _ in range(2):  # path, name
-        if pos + 4 > end:
-            raise _Short
-        (n,) = _U32.unpack_from(buf, pos)
-        start = pos + 4
-        pos = start + n + (-n % 4)
-        if n > STRING_MAX or pos > end:
-            raise _Short
-        strings.append(str(buf[start : start + n], "utf-8", "surrogateescape"))
+    ACQUIRE and RELEASE, decoded as :class:`_Reader` would, in one call instead of ten."""
     if pos + 4 > end:
         raise _Short
-    return ResourceArgs(strings[0], strings[1], _U32.unpack_from(buf, pos)[0])
+    (n,) = _U32.unpack_from(buf, pos)  # path
+    path = pos + 4
+    pos = path + n + (-n % 4)
+    if n > STRING_MAX or pos + 4 > end:
+        raise _Short
+    (m,) = _U32.unpack_from(buf, pos)  # name
+    name = pos + 4
+    pos = name + m + (-m % 4)
+    if m > STRING_MAX or pos + 4 > end:  # then the flags
+        raise _Short
+    return ResourceArgs(
+        str(buf[path : path + n], "utf-8", "surrogateescape"),
+        str(buf[name : name + m], "utf-8", "surrogateescape"),
+        _U32.unpack_from(buf, pos)[0],
+    )
 
 
 # the procedures whose arguments are ResourceArgs (the hot path: _resource_at)
