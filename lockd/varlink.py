@@ -72,6 +72,9 @@ class Decoder:
         self._buf = bytearray()
         self._scanned = 0  # bytes at the start of _buf known to hold no NUL
         self._broken: ProtocolError | None = None
+        # bytes held (an unfinished message, or whole ones past ``limit``): an attribute, not
+        # a property, because the server reads it after every call
+        self.pending = 0
 
     def feed(self, data: bytes, limit: int | None = None) -> list[dict[str, Any]]:
         """Append ``data``; return the complete messages, at most ``limit`` of them (the
@@ -101,13 +104,10 @@ class Decoder:
         except ProtocolError as exc:
             self._broken = exc
             self._buf.clear()
+            self.pending = 0
             raise
+        self.pending = len(self._buf)
         return out
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished message held."""
-        return len(self._buf)
 
     def _too_big(self) -> ProtocolError:
         return ProtocolError(f"message longer than {self.max_message} bytes", reason="too-big")

@@ -349,6 +349,9 @@ class Decoder:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._broken: FrameError | None = None
+        # bytes held (an unfinished frame, or whole ones past ``limit``): an attribute, not a
+        # property, because the connection reads it after every call
+        self.pending = 0
 
     def feed(self, data: bytes, limit: int | None = None) -> list[Event]:
         """Append ``data``; return the events of the complete frames, at most ``limit`` of
@@ -387,17 +390,14 @@ class Decoder:
         except FrameError as exc:
             self._broken = exc
             held.clear()
+            self.pending = 0
             raise
         if buf is held:
             del held[:pos]
         elif pos < size:
             held += data[pos:]
+        self.pending = len(held)
         return out
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an unfinished frame held."""
-        return len(self._buf)
 
 
 # --- encoding -----------------------------------------------------------------------------------
