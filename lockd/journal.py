@@ -379,6 +379,9 @@ class Journal:
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
             self.conn = conn
+            # the group commit's statements run on one cursor: Connection.execute makes a
+            # cursor object per call (~0.15 µs each, 5 calls per commit)
+            self._cursor = conn.cursor()
             self.next_seq = 1  # the number of the next history event (set once migrated)
             if not readonly:
                 # A commit writes every page it touched, whole, to the WAL: a grant touches a
@@ -490,9 +493,9 @@ class Journal:
         gathers the hot path's writes; :data:`EVENT`'s become one history row), as one
         transaction; JournalError if it failed (nothing was written). The group commit's
         path: :meth:`transaction` without its generator."""
-        conn, seq = self.conn, self.next_seq
+        conn, cur, seq = self.conn, self._cursor, self.next_seq
         try:
-            conn.execute("BEGIN")
+            cur.execute("BEGIN")
             try:
                 if writes:
                     self.write(writes)
@@ -502,13 +505,11 @@ class Journal:
                             continue
                         if sql == EVENT:
                             first = self.next_seq
-                            conn.execute(
-                                _INSERT_HISTORY, (first, time.time(), orjson.dumps(params))
-                            )
+                            cur.execute(_INSERT_HISTORY, (first, time.time(), orjson.dumps(params)))
                             self.next_seq = first + len(params)
                         else:
-                            conn.executemany(sql, params)
-                conn.execute("COMMIT")
+                            cur.executemany(sql, params)
+                cur.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
