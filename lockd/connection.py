@@ -205,5 +205,10 @@ class CallConnection(asyncio.Protocol, Generic[C]):
         self._waiting = False
         if not fut.cancelled():  # cancelled: only at shutdown
             self.finish(fut)
-        self._answer_queued()
-        self._flow()
+        # Usually nothing more is queued and reading goes on: then neither step has work
+        # (answering cannot fill the queue; a full write buffer calls pause_writing itself).
+        if self.queue or self.decoder.pending:
+            self._answer_queued()
+            self._flow()
+        elif self._paused:
+            self._flow()
