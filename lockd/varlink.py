@@ -175,16 +175,16 @@ class Params:
                 raise InvalidParameter(f"parameter {name!r} is required", parameter=name)
             return default
         if not isinstance(value, str) or len(value) > max_len:
-            raise InvalidParameter(
-                f"parameter {name!r} must be a string of at most {max_len} characters",
-                parameter=name,
-            )
+            raise _not_a_string(name, max_len)
         return value
 
     def opt_string(self, name: str, max_len: int = MAX_STRING) -> str | None:
-        if self._p.get(name) is None:
+        value = self._p.get(name)
+        if value is None:
             return None
-        return self.string(name, max_len=max_len)
+        if not isinstance(value, str) or len(value) > max_len:
+            raise _not_a_string(name, max_len)
+        return value
 
     def opt_int(self, name: str, lo: int = 0, hi: int = 2**63 - 1) -> int | None:
         value = self._p.get(name)
@@ -202,3 +202,9 @@ class Params:
         if value is None:
             raise InvalidParameter(f"parameter {name!r} is required", parameter=name)
         return value
+
+
+def _not_a_string(name: str, max_len: int) -> InvalidParameter:
+    return InvalidParameter(
+        f"parameter {name!r} must be a string of at most {max_len} characters", parameter=name
+    )
