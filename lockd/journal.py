@@ -379,10 +379,10 @@ class Journal:
             # We issue BEGIN/COMMIT ourselves (group commit); no implicit transactions.
             conn.isolation_level = None
             self.conn = conn
+            self.next_seq = 1  # the number of the next history event (set once migrated)
             # the group commit's statements run on one cursor: Connection.execute makes a
             # cursor object per call (~0.15 µs each, 5 calls per commit)
             self._cursor = conn.cursor()
-            self.next_seq = 1  # the number of the next history event (set once migrated)
             if not readonly:
                 # A commit writes every page it touched, whole, to the WAL: a grant touches a
                 # handful of rows in as many tables, so small pages mean fewer bytes per
