@@ -121,12 +121,13 @@ def _log_lease(template: str, lease: Lease, event: str) -> None:
 def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
     """What Release answers: the same shape the first time and on every repeat."""
     if lease is not None:
-        fields = {
+        return {
             "lockspace": lease.lockspace,
             "resource": lease.resource,
             "mode": lease.mode,
             "owner": lease.owner.ref(),
             "token": lease.token,
+            "state": "released",
         }
     return {**fields, "state": "released"}
 
