@@ -28,7 +28,7 @@ lease to settle gets a task. Reply at once if the future is done; otherwise hand
 ``service.commit.call_after_commit(fut, reply)``, which calls ``reply(fut)`` inside the
 flush right after that request's commit (no loop iteration in between: one connection's
 pair costs ~15% less CPU), and fall back to ``fut.add_done_callback(reply)`` when it
-returns False (a task). lockd.server's Varlink connection does exactly that.
+returns False (a task). lockd.connection (both front ends) does exactly that.
 
 Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or it is
 ``lost``); ``token`` values only grow; a request of a non-root peer touches only owners of

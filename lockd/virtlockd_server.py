@@ -1,9 +1,11 @@
 """virtlockd's protocol on lockd's one lock service: the libvirt drop-in (DESIGN §10).
 
 Theory of operation: libvirtd's ``lockd`` lock driver talks to ``/run/libvirt/virtlockd-sock``.
-Each accepted connection is a :class:`VirtlockdConnection` (an :class:`asyncio.Protocol`,
-as the Varlink server's): bytes go through the sans-IO :mod:`lockd.virtlockd_rpc` decoder,
-and the connection's calls run one after another, each answered before the next starts.
+Each accepted connection is a :class:`VirtlockdConnection`, a
+:class:`~lockd.connection.CallConnection` as the Varlink server's are: bytes go through the
+sans-IO :mod:`lockd.virtlockd_rpc` decoder, and the connection's calls are answered one after
+another, from ``data_received``, each before the next starts; ACQUIRE and RELEASE take the
+service's fast path (no task; the reply leaves inside the commit that journals them).
 The procedures map onto :class:`~lockd.service.LockService`:
 
 - **REGISTER** binds the connection to an owner {uuid = the domain's uuid, name, domain id,
@@ -37,9 +39,10 @@ Decisions:
   only files it could open itself; creating lockspaces and lease files is root's only.
 - lockd never creates or deletes files in the direct lockspace (those are disk images):
   CREATE_RESOURCE / DELETE_RESOURCE there are refused, and AUTOCREATE creates nothing there.
-- Limits and hostile peers as in server.py: frames are bounded (virtlockd_rpc.MAX_FRAME), a
-  framing error closes the connection (virtlockd does the same), a peer that sends faster
-  than it reads is paused, and a connection that closes mid-call does not cancel the call.
+- Limits and hostile peers as for Varlink (lockd.connection): frames are bounded
+  (virtlockd_rpc.MAX_FRAME), a framing error closes the connection (virtlockd does the
+  same), a peer that sends faster than it reads is paused, and a connection that closes
+  mid-call does not cancel the call.
 """
 
 from __future__ import annotations
