@@ -19,9 +19,12 @@ import os
 
 from setuptools import setup
 
-# the request path, the journal and recovery (the names are lockd/<name>.py)
+# the request path of both front ends, the journal and recovery (lockd/<name>.py)
 MYPYC_MODULES = (
+    "connection",
     "varlink",
+    "virtlockd_rpc",
+    "virtlockd_server",
     "leases",
     "lockspace",
     "ofd",

@@ -13,6 +13,10 @@ taking turns (A B B A A B ...) so that both see the same load:
   daemon's CPU from exec to ``READY=1`` (schedstat read at READY), kill -> READY, the
   recovery time it reports, and its RSS once recovered;
 
+``--proto virtlockd`` runs ``seq`` and ``conc`` through lockd's virtlockd-protocol front end
+instead (``virtlockd_socket``), driven by virtlockd's own client as ``make bench`` drives it
+(:mod:`bench.vl`: the anchor's ``LockdClient``, one owner per connection).
+
 Instruction counts would be steadier than CPU time, but this machine has neither hardware
 counters for ``perf stat -e instructions`` (a VM) nor a valgrind that knows ``pidfd_open``
 (Debian 12's 3.19 answers ENOSYS, so Register fails under callgrind).
@@ -40,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import vl
 from bench.procs import REPO, Lockd, Owners, compile_tree, compiled_tree, register
 from bench.run import make_files
 from bench.wire import PairDriver, Raw
@@ -66,6 +71,25 @@ def materialize(spec: str, into: Path) -> Path:
         ).stdout
         (into / name).write_bytes(data)
     return into
+
+
+def run_vl_seq(vsock: Path, d: Lockd, owners: Owners, files: list[Path], n: int) -> dict[str, Any]:
+    drv = vl.VLDriver(str(vsock), owners.spawn(1)[0], str(files[0]))
+    res = sequential(drv, n, d.pid, 0.5)
+    drv.close()
+    return {"cpu_us": res["server_cpu_us_per_pair"], "p50_us": res["p50_us"]}
+
+
+def run_vl_conc(
+    vsock: Path, d: Lockd, owners: Owners, files: list[Path], clients: int, dur: float
+) -> dict[str, Any]:
+    pids = owners.spawn(clients)
+
+    def make(i: int) -> Driver:
+        return vl.VLDriver(str(vsock), pids[i], str(files[1 + i]))
+
+    res = concurrent(make, clients, dur=dur, server_pid=d.pid)
+    return {"cpu_us": res["server_cpu_us_per_pair"], "per_s": res["per_s"], "p50_us": res["p50_us"]}
 
 
 def run_seq(d: Lockd, owners: Owners, files: list[Path], n: int) -> dict[str, Any]:
@@ -125,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dur", type=float, default=2.0, help="seconds per concurrent run")
     p.add_argument("--leases", type=int, default=0, help="also restart with N leases")
     p.add_argument("--only", nargs="+", default=["seq", "conc"], choices=["seq", "conc", "restart"])
+    p.add_argument(
+        "--proto",
+        choices=["varlink", "virtlockd"],
+        default="varlink",
+        help="the front end seq and conc drive (virtlockd: virtlockd's client, bench.vl)",
+    )
     p.add_argument("--json", type=Path, help="write every round here")
     return p.parse_args(argv)
 
@@ -151,13 +181,23 @@ def main(argv: list[str] | None = None) -> int:
                 n += 1
                 base = work / f"{v}{n}"
                 res: dict[str, Any] = {}
-                d = Lockd(base, trees[v])
+                vsock = base / "vl.sock"
+                config = f'virtlockd_socket = "{vsock}"\n' if a.proto == "virtlockd" else None
+                d = Lockd(base, trees[v], config=config)
                 try:
                     d.start()
                     if "seq" in a.only:
-                        res["seq"] = run_seq(d, owners, files, a.seq_n)
+                        res["seq"] = (
+                            run_vl_seq(vsock, d, owners, files, a.seq_n)
+                            if config
+                            else run_seq(d, owners, files, a.seq_n)
+                        )
                     if "conc" in a.only:
-                        res["conc"] = run_conc(d, owners, files, a.clients, a.dur)
+                        res["conc"] = (
+                            run_vl_conc(vsock, d, owners, files, a.clients, a.dur)
+                            if config
+                            else run_conc(d, owners, files, a.clients, a.dur)
+                        )
                     if "restart" in a.only and a.leases:
                         res["restart"] = run_restart(d, owners, files, a.leases)
                 finally:
@@ -191,7 +231,7 @@ def _get(res: dict[str, Any], path: tuple[str, ...]) -> float:
 
 
 def summary(rounds: dict[str, list[dict[str, Any]]], a: argparse.Namespace) -> str:
-    lines = [f"A = {a.a}, B = {a.b}, {a.rounds} rounds, medians (min-max)", ""]
+    lines = [f"A = {a.a}, B = {a.b}, {a.rounds} rounds, {a.proto}, medians (min-max)", ""]
     lines.append(f"{'figure':<28} {'A':>24} {'B':>24} {'B/A':>7}")
     if not rounds["A"]:
         return "\n".join(lines)

@@ -48,7 +48,8 @@ class GroupCommit:
         self.journal = journal
         self.loop = loop
         self._writes: list[Write] = []  # in submission order
-        self._runs: dict[str, list[Write]] = {sql: [] for sql in REGROUPED}
+        # the hot path's statements: their parameters, each statement's in submission order
+        self._runs: dict[str, list[tuple[Any, ...]]] = {sql: [] for sql in REGROUPED}
         # the batch's futures, in submission order, with their post-commit steps
         self._waiters: dict[asyncio.Future[Any], Then[Any] | None] = {}
         # what to call as soon as one of them is resolved (see call_after_commit)
@@ -70,34 +71,17 @@ class GroupCommit:
         task to wake up."""
         fut: asyncio.Future[T] = self.loop.create_future()
         runs = self._runs
-        for write in writes:
-            runs.get(write[0], self._writes).append(write)
+        for sql, params in writes:
+            run = runs.get(sql)
+            if run is None:
+                self._writes.append((sql, params))
+            else:
+                run.append(params)
         self._waiters[fut] = then
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.flush)
         return fut
-
-    @staticmethod
-    def _resolve(
-        fut: asyncio.Future[Any], then: Then[Any] | None, error: JournalError | None
-    ) -> None:
-        """Run a request's step after the commit, then resolve its future with the answer.
-        The step runs even when nobody waits for the answer any more (a cancelled future):
-        it settles a lease that other requests may be waiting for."""
-        answer: Any = None
-        failure: Exception | None = error
-        if then is not None:
-            try:
-                answer, failure = then(error), None
-            except Exception as exc:  # the request's refusal (or a bug: an internal error)
-                failure = exc
-        if fut.done():
-            return
-        if failure is None:
-            fut.set_result(answer)
-        else:
-            fut.set_exception(failure)
 
     def call_after_commit(
         self, fut: asyncio.Future[T], fn: Callable[[asyncio.Future[T]], None]
@@ -118,9 +102,6 @@ class GroupCommit:
         self._writes, self._waiters, self._after, self._scheduled = [], {}, {}, False
         if not waiters:
             return
-        for run in self._runs.values():
-            writes += run
-            run.clear()
         token = self.last_token
         reserve = self._stored_token
         if token > reserve:
@@ -130,15 +111,33 @@ class GroupCommit:
             reserve = token + TOKEN_BLOCK
             writes.append(set_meta("last_token", str(reserve)))
         error: JournalError | None = None
+        runs = self._runs
         try:
-            self.journal.commit(writes)
+            self.journal.commit(writes, runs)
         except JournalError as exc:
             log.error("journal commit failed: %s", exc, extra={"LOCKD_EVENT": "journal-error"})
             error = exc
         else:
             self._stored_token = reserve
+        finally:
+            for run in runs.values():
+                run.clear()
         for fut, then in waiters.items():
-            self._resolve(fut, then, error)
+            # the request's step after the commit, then its future resolved with the answer;
+            # the step runs even when nobody waits for the answer any more (a cancelled
+            # future): it settles a lease that other requests may be waiting for
+            answer: Any = None
+            failure: Exception | None = error
+            if then is not None:
+                try:
+                    answer, failure = then(error), None
+                except Exception as exc:  # the request's refusal (or a bug: an internal error)
+                    failure = exc
+            if not fut.done():
+                if failure is None:
+                    fut.set_result(answer)
+                else:
+                    fut.set_exception(failure)
             fn = after.get(fut)
             if fn is not None:
                 try:

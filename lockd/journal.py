@@ -278,6 +278,9 @@ class Journal:
             conn.isolation_level = None
             self.conn: sqlite3.Connection = conn
             self.next_seq = 1  # the number of the next history event (set once migrated)
+            # the group commit's statements run on one cursor: Connection.execute makes a
+            # cursor object per call (~0.15 µs each, 5 calls per commit)
+            self._cursor = conn.cursor()
             if not readonly:
                 # A commit writes every page it touched, whole, to the WAL: a grant touches a
                 # handful of rows in as many tables, so small pages mean fewer bytes per
@@ -367,15 +370,30 @@ class Journal:
             self.conn.execute(_INSERT_HISTORY, (seq, time.time(), orjson.dumps(events)))
             self.next_seq = seq + len(events)
 
-    def commit(self, writes: Iterable[Write]) -> None:
-        """The writes as one transaction; JournalError if it failed (nothing was written).
-        The group commit's path: :meth:`transaction` without its generator."""
-        conn, seq = self.conn, self.next_seq
+    def commit(
+        self, writes: Iterable[Write], runs: dict[str, list[tuple[Any, ...]]] | None = None
+    ) -> None:
+        """The writes, then ``runs`` (statement -> its parameter lists, as the group commit
+        gathers the hot path's writes; :data:`EVENT`'s become one history row), as one
+        transaction; JournalError if it failed (nothing was written). The group commit's
+        path: :meth:`transaction` without its generator."""
+        conn, cur, seq = self.conn, self._cursor, self.next_seq
         try:
-            conn.execute("BEGIN")
+            cur.execute("BEGIN")
             try:
-                self.write(writes)
-                conn.execute("COMMIT")
+                if writes:
+                    self.write(writes)
+                if runs is not None:
+                    for sql, params in runs.items():
+                        if not params:
+                            continue
+                        if sql == EVENT:
+                            first = self.next_seq
+                            cur.execute(_INSERT_HISTORY, (first, time.time(), orjson.dumps(params)))
+                            self.next_seq = first + len(params)
+                        else:
+                            cur.executemany(sql, params)
+                cur.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")

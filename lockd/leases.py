@@ -20,10 +20,11 @@ ACQUIRING and RELEASING leases have a commit in flight; a second request for the
 settled state, which is what makes a retried request idempotent even while the first copy
 is still being journaled.
 
-:class:`LeaseTable` indexes leases by (owner, lockspace, resource key) for idempotency and by
-(lockspace, resource key) for administration. Resource keys are ``"dev:ino"`` in the direct
-lockspace (two paths to one inode are one resource: the kernel already sees one lock) and
-the sha256 of the resource string in an indirect one.
+:class:`LeaseTable` indexes leases by (owner, lockspace, resource key) for idempotency, by
+(owner, resource name) for releases, and by (lockspace, resource key) for administration.
+Resource keys are ``"dev:ino"`` in the direct lockspace (two paths to one inode are one
+resource: the kernel already sees one lock) and the sha256 of the resource string in an
+indirect one.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ class Owner:
     domain_id: int | None = None
     pidfd: int | None = None
     leases: dict[tuple[str, str], Lease] = field(default_factory=dict)
+    # resource name -> the newest of its leases taken under that name (in any lockspace: a
+    # hit is checked against the lockspace asked for); a Release finds its lease here
+    # without a stat (LockService._find)
+    by_name: dict[str, Lease] = field(default_factory=dict)
     # the task releasing its leases once it died (one per owner: see LockService.owner_gone)
     dying: asyncio.Task[None] | None = None
 
@@ -228,22 +233,27 @@ class LeaseTable:
     def add(self, lease: Lease) -> None:
         key = lease.key
         lease.owner.leases[key] = lease
+        lease.owner.by_name[lease.resource] = lease
         holders = self.by_resource.get(key)
         self.by_resource[key] = (lease,) if holders is None else (*holders, lease)
         self.count += 1
 
     def remove(self, lease: Lease) -> None:
         key = lease.key
-        if lease.owner.leases.get(key) is lease:
-            del lease.owner.leases[key]
+        owner = lease.owner
+        if owner.leases.get(key) is lease:
+            del owner.leases[key]
             self.count -= 1
+        if owner.by_name.get(lease.resource) is lease:
+            del owner.by_name[lease.resource]
         holders = self.by_resource.get(key)
-        if holders is not None and lease in holders:
-            rest = tuple(h for h in holders if h is not lease)
-            if rest:
-                self.by_resource[key] = rest
-            else:
+        if holders is None:
+            return
+        if len(holders) == 1:  # the usual case: its only holder
+            if holders[0] is lease:
                 del self.by_resource[key]
+        elif lease in holders:
+            self.by_resource[key] = tuple(h for h in holders if h is not lease)
 
     def holders(self, lockspace: str, rkey: str) -> list[Lease]:
         return list(self.by_resource.get((lockspace, rkey), ()))

@@ -158,8 +158,12 @@ class Lockspaces:
         path = path or self.lease_path(lockspace, resource, rkey)
         if lockspace != DIRECT:
             return ofd.lock_lease_file(path, exclusive, resource)
-        dev, _, ino = rkey.partition(":")
+        if seen is not None:  # the stat the key was made from
+            inode = (seen.st_dev, seen.st_ino)
+        else:
+            dev, _, ino = rkey.partition(":")
+            inode = (int(dev), int(ino))
         try:
-            return ofd.lock_existing(path, exclusive, (int(dev), int(ino)), check, seen)
+            return ofd.lock_existing(path, exclusive, inode, check, seen)
         except InvalidResource as exc:
             raise _invalid(resource, str(exc.parameters.get("reason", exc))) from None

@@ -1,17 +1,20 @@
 """The Varlink server: connections, peer credentials, dispatch, the admin interface.
 
-Theory of operation: each accepted connection is an :class:`asyncio.Protocol` (protocol-level
-I/O, no stream wrappers). Bytes go through the sans-IO :class:`~lockd.varlink.Decoder`; each
-complete call is queued and the connection's calls run one after another, so replies leave
-in call order as Varlink requires, while calls of different connections interleave (and share
-group commits).
+Theory of operation: each accepted connection is a :class:`~lockd.connection.CallConnection`
+(an :class:`asyncio.Protocol`; what every front end shares: calls answered in order from
+``data_received``, the reply of a journaled request sent inside its commit, flow control)
+whose calls come out of the sans-IO :class:`~lockd.varlink.Decoder`. Replies leave in call
+order as Varlink requires, while calls of different connections interleave (and share group
+commits). A handler answers with the reply, a :class:`Pending` (Acquire and Release: the
+service's future, no task), or a coroutine (run as a task: it awaits more than the journal).
 
 Hostile or broken peers (DESIGN §8):
 - a framing error (not JSON, too big, too deep, no method) gets one ``io.lockd.ProtocolError``
   reply and the connection is closed: nothing after a framing error can be trusted;
 - a bad parameter gets a named error and the connection stays usable;
 - a peer that sends faster than it reads is paused (``pause_reading``) once its queue or our
-  write buffer is full, so it cannot grow our memory or delay other connections;
+  write buffer is full, so it cannot grow our memory or delay other connections
+  (lockd.connection);
 - a connection that closes mid-request does not cancel the request: the acquire or release
   completes and is journaled, only the reply is dropped. That is what makes a client's retry
   after reconnecting safe (it gets the same answer);
@@ -23,7 +26,6 @@ Hostile or broken peers (DESIGN §8):
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import functools
 import logging
@@ -31,10 +33,11 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from lockd import __version__, metrics
 from lockd.config import Config
+from lockd.connection import CallConnection
 from lockd.errors import (
     InterfaceNotFound,
     InvalidParameter,
@@ -45,14 +48,11 @@ from lockd.errors import (
     ProtocolError,
 )
 from lockd.leases import WIRE_STATE, Lease, Owner, State
-from lockd.process import Peer
 from lockd.recovery import Report
 from lockd.service import MODES, LockService
 from lockd.varlink import Call, Decoder, Params, encode_error, encode_reply
 
 log = logging.getLogger("lockd")
-
-MAX_QUEUED_CALLS = 64
 
 
 def interface_description(name: str) -> str:
@@ -89,33 +89,24 @@ def _released_reply(released: dict[str, Any]) -> dict[str, Any]:
     return {"lease": released}
 
 
-class Connection(asyncio.Protocol):
+class Connection(CallConnection[dict[str, Any]]):
+    """A Varlink connection (lockd.connection: calls answered in order, flow control)."""
+
     def __init__(self, server: Server, admin: bool) -> None:
+        decoder = Decoder(server.config.max_message)
+        super().__init__(
+            server.loop, server.service.commit, decoder, decoder.max_message, server.connections
+        )
         self.server = server
         self.admin = admin
         self.handlers = server.handlers(admin)
-        self.decoder = Decoder(server.config.max_message)
-        self.queue: collections.deque[dict[str, Any]] = collections.deque()
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = server.loop.create_future()
-        self.peer = Peer(-1, -1, frozenset())
-        # the call being answered (calls are answered one at a time, in order) and the
-        # shape of its reply
+        # the call being answered and the shape of its reply
         self._call: Call | None = None
         self._shape: Callable[[Any], dict[str, Any]] = _as_is
-        # set while the peer does not read its replies (transport above its high-water mark)
-        self._peer_behind = False
-        self._paused = False  # whether we paused reading
-        self._yielded = False  # a turn given to the other connections (see _answer_queued)
 
-    # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # an asyncio.Transport (or uvloop's equivalent, which is not a subclass)
-        self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
-        sock = transport.get_extra_info("socket")
-        self.peer = Peer.of_socket(sock)
-        if len(self.server.connections) > self.server.config.max_connections:
+        super().connection_made(transport)
+        if len(self.connections) > self.server.config.max_connections:
             self._fail(LockdError("too many connections"), "connections")
         elif self.admin and self.peer.uid != 0:
             self._fail(
@@ -134,55 +125,7 @@ class Connection(asyncio.Protocol):
         self.transport.write(encode_error(err))
         self.transport.close()
 
-    def data_received(self, data: bytes) -> None:
-        self._decode(data)
-        self._answer_queued()
-        self._flow()
-
-    def _decode(self, data: bytes) -> None:
-        # Decode only up to the queue's bound: a single read may carry thousands of small
-        # calls, and their replies must not pile up in memory for a peer that does not read.
-        room = max(0, MAX_QUEUED_CALLS - len(self.queue))
-        try:
-            self.queue.extend(self.decoder.feed(data, limit=room))
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        self.queue.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._peer_behind = True
-        self._flow()
-
-    def resume_writing(self) -> None:
-        self._peer_behind = False
-        self._answer_queued()
-        self._flow()
-
-    # -- internals ------------------------------------------------------------------------
-    def _flow(self) -> None:
-        """Stop reading from a peer that is ahead of us, resume when it is not."""
-        ahead = (
-            self._peer_behind
-            or len(self.queue) >= MAX_QUEUED_CALLS
-            or self.decoder.pending > self.decoder.max_message  # calls not yet queued
-        )
-        if ahead is self._paused:  # the common case: reading, and nothing to pause for
-            return
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        if ahead:
-            t.pause_reading()
-        else:
-            t.resume_reading()
-        self._paused = ahead
-
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def framing_error(self, exc: ProtocolError) -> None:
         log.warning(
             "protocol error from pid %d: %s",
             self.peer.pid,
@@ -194,52 +137,15 @@ class Connection(asyncio.Protocol):
             self.transport.write(encode_error(exc))
             self.transport.close()
 
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def _answer_queued(self) -> None:
-        """Answer the queued calls in order: each one that needs no wait at once; at the
-        first that waits, stop until it is answered (:meth:`_answered` comes back here).
-        Nothing more is answered while the peer does not read, nor to a closed peer; and
-        after MAX_QUEUED_CALLS answered in one go, the other connections get their turn
-        first (a peer pipelining thousands of calls that need no wait would otherwise hold
-        the loop for as long as they take)."""
-        queue = self.queue
-        budget = MAX_QUEUED_CALLS
-        while (
-            self._call is None
-            and not self._yielded
-            and not self._peer_behind
-            and not self.closed.done()
-        ):
-            if not queue:
-                if not self.decoder.pending:
-                    return
-                self._decode(b"")  # calls left buffered in the decoder
-                if not queue:
-                    return
-            if budget == 0:
-                self._yielded = True
-                self.server.loop.call_soon(self._resume)
-                return
-            budget -= 1
-            self._start(queue.popleft())
-
-    def _resume(self) -> None:
-        self._yielded = False
-        self._answer_queued()
-        self._flow()
-
-    def _start(self, msg: dict[str, Any]) -> None:
+    def start(self, msg: dict[str, Any]) -> asyncio.Future[Any] | None:
         try:
             call = Call.from_message(msg)
         except ProtocolError as exc:
-            self._protocol_error(exc)
-            return
+            self.framing_error(exc)
+            return None
         except LockdError as exc:
             self.send(encode_error(exc))
-            return
+            return None
         try:
             handler = self.handlers.get(call.method)
             if handler is None:
@@ -249,41 +155,27 @@ class Connection(asyncio.Protocol):
             answer = handler(self, Params(call.parameters))
         except Exception as exc:
             self._failed(call, exc)
-            return
+            return None
         if isinstance(answer, dict):
             self._reply(call, answer)
-            return
+            return None
         if isinstance(answer, Pending):
-            fut, shape = answer
+            fut, self._shape = answer
         else:  # a coroutine: it awaits more than the journal
-            fut, shape = self.server.loop.create_task(answer), _as_is
-        if fut.done():
-            self._finish(call, shape, fut)
-            return
-        self._call, self._shape = call, shape
-        # reply in the loop iteration of the commit when the answer waits for one
-        if not self.server.service.commit.call_after_commit(fut, self._answered):
-            fut.add_done_callback(self._answered)
+            fut, self._shape = self.loop.create_task(answer), _as_is
+        self._call = call
+        return fut
 
-    def _answered(self, fut: asyncio.Future[Any]) -> None:
-        call, shape = self._call, self._shape
+    def finish(self, fut: asyncio.Future[Any]) -> None:
+        call = self._call
         assert call is not None
         self._call = None
-        self._finish(call, shape, fut)
-        self._answer_queued()
-        self._flow()
-
-    def _finish(
-        self, call: Call, shape: Callable[[Any], dict[str, Any]], fut: asyncio.Future[Any]
-    ) -> None:
-        if fut.cancelled():  # only at shutdown
-            return
         error = fut.exception()
         if error is not None:
             self._failed(call, error)
             return
         try:
-            reply = shape(fut.result())
+            reply = self._shape(fut.result())
         except Exception as exc:
             self._failed(call, exc)
             return

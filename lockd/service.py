@@ -28,7 +28,7 @@ lease to settle gets a task. Reply at once if the future is done; otherwise hand
 ``service.commit.call_after_commit(fut, reply)``, which calls ``reply(fut)`` inside the
 flush right after that request's commit (no loop iteration in between: one connection's
 pair costs ~15% less CPU), and fall back to ``fut.add_done_callback(reply)`` when it
-returns False (a task). lockd.server's Varlink connection does exactly that.
+returns False (a task). lockd.connection (both front ends) does exactly that.
 
 Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or it is
 ``lost``); ``token`` values only grow; a request of a non-root peer touches only owners of
@@ -121,12 +121,13 @@ def _log_lease(template: str, lease: Lease, event: str) -> None:
 def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
     """What Release answers: the same shape the first time and on every repeat."""
     if lease is not None:
-        fields = {
+        return {
             "lockspace": lease.lockspace,
             "resource": lease.resource,
             "mode": lease.mode,
             "owner": lease.owner.ref(),
             "token": lease.token,
+            "state": "released",
         }
     return {**fields, "state": "released"}
 
@@ -375,13 +376,18 @@ class LockService(Owners):
 
     # -- release --------------------------------------------------------------------------
     def _find(self, owner: Owner, ls: str, resource: str) -> tuple[Lease | None, str | None]:
+        """The owner's lease a Release names: the one taken under that name (no stat), else
+        the one on the file the name leads to now (another path to it), else any taken
+        under that name (the file may be gone, or now another inode)."""
+        lease = owner.by_name.get(resource)
+        if lease is not None and lease.lockspace == ls:
+            return lease, lease.rkey
         try:
             rkey = self.lockspaces.key(ls, resource)
         except LockdError:
             rkey = None
         if rkey is not None and (ls, rkey) in owner.leases:
             return owner.leases[(ls, rkey)], rkey
-        # the file may be gone, or now another inode: match by the name it was taken with
         for lease in owner.leases.values():
             if lease.lockspace == ls and lease.resource == resource:
                 return lease, lease.rkey

@@ -1,9 +1,11 @@
 """virtlockd's protocol on lockd's one lock service: the libvirt drop-in (DESIGN §10).
 
 Theory of operation: libvirtd's ``lockd`` lock driver talks to ``/run/libvirt/virtlockd-sock``.
-Each accepted connection is a :class:`VirtlockdConnection` (an :class:`asyncio.Protocol`,
-as the Varlink server's): bytes go through the sans-IO :mod:`lockd.virtlockd_rpc` decoder,
-and the connection's calls run one after another, each answered before the next starts.
+Each accepted connection is a :class:`VirtlockdConnection`, a
+:class:`~lockd.connection.CallConnection` as the Varlink server's are: bytes go through the
+sans-IO :mod:`lockd.virtlockd_rpc` decoder, and the connection's calls are answered one after
+another, from ``data_received``, each before the next starts; ACQUIRE and RELEASE take the
+service's fast path (no task; the reply leaves inside the commit that journals them).
 The procedures map onto :class:`~lockd.service.LockService`:
 
 - **REGISTER** binds the connection to an owner {uuid = the domain's uuid, name, domain id,
@@ -37,25 +39,26 @@ Decisions:
   only files it could open itself; creating lockspaces and lease files is root's only.
 - lockd never creates or deletes files in the direct lockspace (those are disk images):
   CREATE_RESOURCE / DELETE_RESOURCE there are refused, and AUTOCREATE creates nothing there.
-- Limits and hostile peers as in server.py: frames are bounded (virtlockd_rpc.MAX_FRAME), a
-  framing error closes the connection (virtlockd does the same), a peer that sends faster
-  than it reads is paused, and a connection that closes mid-call does not cancel the call.
+- Limits and hostile peers as for Varlink (lockd.connection): frames are bounded
+  (virtlockd_rpc.MAX_FRAME), a framing error closes the connection (virtlockd does the
+  same), a peer that sends faster than it reads is paused, and a connection that closes
+  mid-call does not cancel the call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import functools
 import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any
 
 from lockd import ofd
 from lockd.config import Config
+from lockd.connection import CallConnection
 from lockd.errors import (
     InvalidParameter,
     InvalidResource,
@@ -70,7 +73,6 @@ from lockd.errors import (
 )
 from lockd.leases import Lease, Owner
 from lockd.lockspace import DIRECT, check_path
-from lockd.process import Peer
 from lockd.service import LockService
 from lockd.virtlockd_rpc import (
     ACQUIRE_AUTOCREATE,
@@ -88,9 +90,8 @@ from lockd.virtlockd_rpc import (
     Call,
     CreateLockspaceArgs,
     Decoder,
-    Dropped,
     Event,
-    NewArgs,
+    Header,
     Proc,
     RegisterArgs,
     Rejected,
@@ -103,7 +104,6 @@ from lockd.virtlockd_rpc import (
 
 log = logging.getLogger("lockd")
 
-MAX_QUEUED_CALLS = 64
 # the errno behind each reason ofd gives for a failed open (virtlockd reports the errno)
 _ERRNO_OF_REASON = {reason: code for code, reason in ofd.OPEN_ERRORS.items()}
 _ERRNO_OF_REASON["a directory"] = errno.EISDIR
@@ -152,25 +152,33 @@ def busy(name: str) -> Refused:
     return _refuse(ERR_RESOURCE_BUSY, FROM_LOCKSPACE, f"Lockspace resource '{name}' is locked")
 
 
-class VirtlockdConnection(asyncio.Protocol):
+class VirtlockdConnection(CallConnection[Event]):
+    """A virtlockd-protocol connection (lockd.connection: calls answered in order, flow
+    control). ACQUIRE and RELEASE take the service's fast path (``acquire_nowait``,
+    ``release_nowait``: no task, the reply sent inside the commit); REGISTER, NEW and
+    CREATE_LOCKSPACE await the service and run as a task; the others answer at once.
+    Nothing is released when a connection closes: leases belong to the owner process."""
+
     def __init__(self, server: VirtlockdServer) -> None:
+        decoder = Decoder()
+        super().__init__(
+            server.loop, server.service.commit, decoder, decoder.max_frame, server.connections
+        )
         self.server = server
         self.service = server.service
-        self.decoder = Decoder()
-        self.queue: collections.deque[Event] = collections.deque()
-        self.transport: asyncio.Transport | None = None
-        self.worker: asyncio.Task[None] | None = None
-        self.closed: asyncio.Future[None] = server.loop.create_future()
-        self.peer = Peer(-1, -1, frozenset())
         self.owner: Owner | None = None
         self.restricted = False
-        self._writable: asyncio.Future[None] | None = None
+        # the call being answered (calls are answered one at a time), and what its answer
+        # depends on: the name it gives (for the error texts), whether a missing lease file
+        # may be created, and for an exclusive ACQUIRE the newest token before it (a lease
+        # not newer is the owner's own: virtlockd answers "is locked")
+        self._header: Header | None = None
+        self._name: str | None = None  # set by ACQUIRE and RELEASE only
+        self._create = False
+        self._newest = 0
 
-    # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
-        self.peer = Peer.of_socket(transport.get_extra_info("socket"))
+        super().connection_made(transport)
         if self.server.count_connections() > self.server.config.max_connections:
             log.warning(
                 "refused virtlockd-protocol connection of pid %d uid %d: too many connections",
@@ -178,149 +186,109 @@ class VirtlockdConnection(asyncio.Protocol):
                 self.peer.uid,
                 extra={"LOCKD_EVENT": "refused"},
             )
-            self.transport.close()  # virtlockd stops accepting past max_clients
+            transport.close()  # virtlockd stops accepting past max_clients
 
-    def data_received(self, data: bytes) -> None:
-        self._decode(data)
-        if self.worker is None and self.queue:
-            self.worker = self.server.loop.create_task(self._work())
-        self._flow()
+    def framing_error(self, exc: ProtocolError) -> None:
+        # a bad length: nothing after it can be framed; virtlockd closes too
+        log.warning(
+            "virtlockd-protocol framing error from pid %d: %s",
+            self.peer.pid,
+            exc,
+            extra={"LOCKD_EVENT": "protocol-error"},
+        )
+        if self.transport is not None:
+            self.transport.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Nothing is released: leases belong to the owner process, not to this connection.
-        self.server.connections.discard(self)
-        self.queue.clear()
-        self._wake_writer()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        if self._writable is None:
-            self._writable = self.server.loop.create_future()
-        self._flow()
-
-    def resume_writing(self) -> None:
-        self._wake_writer()
-        self._flow()
-
-    def _wake_writer(self) -> None:
-        fut, self._writable = self._writable, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    # -- flow -------------------------------------------------------------------------------
-    def _decode(self, data: bytes) -> None:
-        room = max(0, MAX_QUEUED_CALLS - len(self.queue))
+    def start(self, event: Event) -> asyncio.Future[Any] | None:
+        if not isinstance(event, Call):
+            if isinstance(event, Rejected):
+                self.send(encode_error(event.header, event.error))
+            return None  # Dropped: not a call, nothing to answer
+        self._header, self._name, self._newest = event.header, None, 0
         try:
-            self.queue.extend(self.decoder.feed(data, limit=room))
-        except ProtocolError as exc:
-            # a bad length: nothing after it can be framed; virtlockd closes too
-            log.warning(
-                "virtlockd-protocol framing error from pid %d: %s",
-                self.peer.pid,
-                exc,
-                extra={"LOCKD_EVENT": "protocol-error"},
-            )
-            self.queue.clear()
-            if self.transport is not None:
-                self.transport.close()
+            fut = self._dispatch(event)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        if fut is None:
+            self.send(encode_ok(event.header))
+        return fut
 
-    def _flow(self) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
+    def finish(self, fut: asyncio.Future[Any]) -> None:
+        error = fut.exception()
+        if error is not None:
+            self._failed(error)
             return
-        if (
-            self._writable is not None
-            or len(self.queue) >= MAX_QUEUED_CALLS
-            or self.decoder.pending > self.decoder.max_frame
-        ):
-            if t.is_reading():
-                t.pause_reading()
-        elif not t.is_reading():
-            t.resume_reading()
+        if self._newest and fut.result().token <= self._newest:
+            # an exclusive ACQUIRE of what the owner held already: the service answers an
+            # idempotent repeat, virtlockd "is locked" (a second shared acquire joins, in both)
+            self._failed(busy(self._name or ""))
+            return
+        assert self._header is not None
+        self.send(encode_ok(self._header))
 
-    def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    async def _work(self) -> None:
-        try:
-            while not self.closed.done():
-                if not self.queue:
-                    if self.decoder.pending:
-                        self._decode(b"")
-                    if not self.queue:
-                        break
-                    await asyncio.sleep(0)
-                if self._writable is not None:
-                    await self._writable
-                    continue
-                event = self.queue.popleft()
-                if self.transport is not None and not self.transport.is_reading():
-                    self._flow()
-                await self._handle(event)
-        finally:
-            self.worker = None
-
-    async def _handle(self, event: Event) -> None:
-        if isinstance(event, Dropped):
-            return
-        if isinstance(event, Rejected):
-            self.send(encode_error(event.header, event.error))
-            return
-        try:
-            await self._dispatch(event)
-        except Refused as exc:
-            self.send(encode_error(event.header, exc.error))
-            return
-        except MemoryError:
+    def _failed(self, exc: BaseException) -> None:
+        header = self._header
+        assert header is not None
+        if isinstance(exc, Refused):
+            self.send(encode_error(header, exc.error))
+        elif isinstance(exc, LockdError) and self._name is not None:
+            # the service refused an ACQUIRE or a RELEASE
+            self.send(encode_error(header, _translate(exc, self._name, self._create).error))
+        elif isinstance(exc, MemoryError):
             os.abort()  # DESIGN §8: abort and let recovery bring the state back
-        except Exception:
-            log.exception("internal error in virtlockd procedure %s", event.proc.name)
+        else:
+            log.error(
+                "internal error in virtlockd procedure %s",
+                Proc(header.procedure).name,
+                exc_info=exc,
+            )
             self.send(
                 encode_error(
-                    event.header,
+                    header,
                     RpcError.of(ERR_INTERNAL_ERROR, FROM_RPC, "lockd failed to handle the call"),
                 )
             )
-            return
-        self.send(encode_ok(event.header))
 
     # -- the procedures ------------------------------------------------------------------
-    async def _dispatch(self, call: Call) -> None:
+    def _dispatch(self, call: Call) -> asyncio.Future[Any] | None:
+        """Run a call: None when it succeeded at once, the future of its outcome when it
+        waits, Refused (or the service's error) when it is refused at once."""
         args = call.args
-        proc = call.proc
+        proc = call.header.procedure
+        if isinstance(args, ResourceArgs):  # the hot path first
+            allowed = (ACQUIRE_SHARED | ACQUIRE_AUTOCREATE) if proc == Proc.ACQUIRE_RESOURCE else 0
+            if args.flags & ~allowed:
+                raise Refused(flags_error(Proc(proc), args.flags))
+            if self.restricted:
+                raise Refused(RESTRICTED)
+            owner = self.owner
+            if owner is None:
+                raise Refused(NOT_REGISTERED)
+            if proc == Proc.ACQUIRE_RESOURCE:
+                return self._acquire(owner, args)
+            if proc == Proc.RELEASE_RESOURCE:
+                return self._release(owner, args)
+            self._touch_or_delete(Proc(proc), args)
+            return None
         if isinstance(args, CreateLockspaceArgs):  # no flags, no owner needed
             if self.restricted:
                 raise Refused(RESTRICTED)
-            await self._create_lockspace(args.path, exists_ok=True)
-            return
-        assert isinstance(args, RegisterArgs | RestrictArgs | NewArgs | ResourceArgs)
-        allowed = (ACQUIRE_SHARED | ACQUIRE_AUTOCREATE) if proc == Proc.ACQUIRE_RESOURCE else 0
-        if args.flags & ~allowed:
-            raise Refused(flags_error(proc, args.flags))
+            return self.loop.create_task(self._create_lockspace(args.path, exists_ok=True))
+        if args.flags:  # REGISTER, RESTRICT, NEW take no flags
+            raise Refused(flags_error(Proc(proc), args.flags))
         if self.restricted:
             raise Refused(RESTRICTED)
         if isinstance(args, RegisterArgs):
-            await self._register(args)
-            return
-        owner = self.owner
-        if owner is None:
+            return self.loop.create_task(self._register(args))
+        if self.owner is None:
             raise Refused(NOT_REGISTERED)
         if isinstance(args, RestrictArgs):
             self.restricted = True
-        elif isinstance(args, NewArgs):
-            if args.path == "":
-                raise _refuse(
-                    ERR_OPERATION_INVALID, FROM_RPC, "the default lockspace already exists"
-                )
-            await self._create_lockspace(args.path, exists_ok=False)
-        elif proc == Proc.ACQUIRE_RESOURCE:
-            await self._acquire(owner, args)
-        elif proc == Proc.RELEASE_RESOURCE:
-            await self._release(owner, args)
-        else:
-            self._touch_or_delete(proc, args)
+            return None
+        if args.path == "":
+            raise _refuse(ERR_OPERATION_INVALID, FROM_RPC, "the default lockspace already exists")
+        return self.loop.create_task(self._create_lockspace(args.path, exists_ok=False))
 
     async def _register(self, args: RegisterArgs) -> None:
         if args.id == 0:  # libvirt's lockd driver never sends 0: virtlockd refuses it
@@ -402,7 +370,7 @@ class VirtlockdConnection(asyncio.Protocol):
             raise _refuse(ERR_INVALID_ARG, FROM_LOCKSPACE, str(exc)) from None
         return self.service.lockspaces.lease_path(ls, name, name)
 
-    async def _acquire(self, owner: Owner, args: ResourceArgs) -> None:
+    def _acquire(self, owner: Owner, args: ResourceArgs) -> asyncio.Future[Lease]:
         ls = self._lockspace(args.path)
         shared = bool(args.flags & ACQUIRE_SHARED)
         autocreate = bool(args.flags & ACQUIRE_AUTOCREATE)
@@ -414,43 +382,30 @@ class VirtlockdConnection(asyncio.Protocol):
                 raise _system_error(
                     f"Unable to open resource {path}", exc.errno or errno.EIO
                 ) from None
-        mode = "shared" if shared else "exclusive"
-        newest = self.service.commit.last_token  # a lease granted now gets a larger token
-        try:
-            lease = await self.service.acquire(owner, ls, args.name, mode, None, self.peer)
-        except LockdError as exc:
-            raise _translate(exc, args.name, autocreate and ls != DIRECT) from None
-        if lease.token <= newest and not shared:
-            # the owner held it already: the service answers an idempotent repeat, virtlockd
-            # "is locked" (a second shared acquire joins, in both)
-            raise busy(args.name)
+        # the service's errors from here on are translated (_failed) with these
+        self._name, self._create = args.name, autocreate and ls != DIRECT
+        if shared:
+            return self.service.acquire_nowait(owner, ls, args.name, "shared", None, self.peer)
+        self._newest = self.service.commit.last_token  # a lease granted now gets a larger one
+        return self.service.acquire_nowait(owner, ls, args.name, "exclusive", None, self.peer)
 
-    def _held(self, owner: Owner, ls: str, name: str) -> Lease | None:
-        # by the name it was taken with (an owner holds a VM's few disks), else by the file
-        for lease in owner.leases.values():
-            if lease.resource == name and lease.lockspace == ls:
-                return lease
-        return self.service.held_by(owner, ls, name)
-
-    async def _release(self, owner: Owner, args: ResourceArgs) -> None:
+    def _release(self, owner: Owner, args: ResourceArgs) -> asyncio.Future[dict[str, Any]]:
         ls = self._lockspace(args.path)
-        try:
-            held = self._held(owner, ls, args.name)
-            if held is None:
-                if self.service.holders(ls, args.name):
-                    raise _refuse(
-                        ERR_INTERNAL_ERROR,
-                        FROM_LOCKSPACE,
-                        f"owner {owner.pid} does not hold the resource lock",
-                    )
+        self._name, self._create = args.name, False
+        # by the name it was taken with, else by the file (LockService._find)
+        if self.service.held_by(owner, ls, args.name) is None:
+            if self.service.holders(ls, args.name):
                 raise _refuse(
-                    ERR_RESOURCE_BUSY,
+                    ERR_INTERNAL_ERROR,
                     FROM_LOCKSPACE,
-                    f"Lockspace resource '{args.name}' is not locked",
+                    f"owner {owner.pid} does not hold the resource lock",
                 )
-            await self.service.release(owner, ls, args.name)
-        except LockdError as exc:
-            raise _translate(exc, args.name) from None
+            raise _refuse(
+                ERR_RESOURCE_BUSY,
+                FROM_LOCKSPACE,
+                f"Lockspace resource '{args.name}' is not locked",
+            )
+        return self.service.release_nowait(owner, ls, args.name)
 
     def _touch_or_delete(self, proc: Proc, args: ResourceArgs) -> None:
         ls = self._lockspace(args.path)

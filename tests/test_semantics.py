@@ -476,6 +476,22 @@ def test_release_after_file_deleted_or_renamed(
     assert [x for x in daemon.leases() if x["state"] == "held"] == []
 
 
+def test_release_names_the_lease_taken_under_that_name(
+    daemon: Daemon, owners: Owners, files: list[Path]
+) -> None:
+    """A name that now leads to another file the owner also holds releases the lease taken
+    under that name, not the other one (README: which lease a Release names)."""
+    a = reg(daemon, owners)["uuid"]
+    first = daemon.acquire(files[0], owner=a)
+    second = daemon.acquire(files[1], owner=a)
+    os.replace(files[1], files[0])  # files[0] now names the second file; the first is unlinked
+    assert daemon.release(files[0], owner=a)["token"] == first["token"]
+    assert probe(files[0]) == "exclusive"  # the second file's lease is untouched
+    assert daemon.release(files[1], owner=a)["token"] == second["token"]
+    assert probe(files[0]) == "free"
+    assert [x for x in daemon.leases() if x["state"] == "held"] == []
+
+
 def test_register_cannot_take_over_another_owner(
     daemon: Daemon, owners: Owners, files: list[Path]
 ) -> None:
