@@ -606,7 +606,7 @@ class LockService(Owners):
             events = self.journal.history(
                 self.config.history_retention, owner=lease.owner.uuid, resource=only
             )
-            for e in reversed(events):  # newest first
+            for e in events[::-1]:  # newest first
                 found = pending.pop(e["token"], None) if e["event"] == "lost" else None
                 if found is not None:
                     found.lost = (float(e["at"]), str(e["reason"] or LOST_EARLIER))
