@@ -35,7 +35,7 @@ lint: setup
 	.venv/bin/ruff format --check lockd tests scripts bench torture
 	.venv/bin/mypy
 
-# Benchmarks (bench/README.md): ~7 minutes; BENCH_ARGS=--quick for ~1 minute. Results in
+# Benchmarks (bench/README.md): ~4 minutes; BENCH_ARGS=--quick for ~1 minute. Results in
 # results/ (or $OUT). Speed is never asserted by `make test`.
 bench: setup
 	.venv/bin/python -m bench $(BENCH_ARGS)
