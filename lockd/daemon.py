@@ -248,6 +248,7 @@ class Daemon:
         if notify.VIRTLOCKD_SOCKET_NAME in listeners:
             virtlockd = VirtlockdServer(self.config, service, lambda: len(server.connections))
             await virtlockd.start(listeners[notify.VIRTLOCKD_SOCKET_NAME])
+            server.count_others = lambda: len(virtlockd.connections)
         log.info(
             "lockd %s ready: %s; %d leases held, fd store %s, fd limit %d",
             __version__,
@@ -372,7 +373,7 @@ def textfile_writer(loop: asyncio.AbstractEventLoop, config: Config, server: Ser
 
     def write() -> None:
         snap = metrics.snapshot(
-            server.service, server.report, server.started_at, len(server.connections)
+            server.service, server.report, server.started_at, server.count_connections()
         )
         try:
             exposition.write_textfile(directory, snap)

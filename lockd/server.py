@@ -106,7 +106,7 @@ class Connection(CallConnection[dict[str, Any]]):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.server.config.max_connections:
+        if self.server.count_connections() > self.server.config.max_connections:
             self._fail(LockdError("too many connections"), "connections")
         elif self.admin and self.peer.uid != 0:
             self._fail(
@@ -216,6 +216,9 @@ class Server:
         self.loop = service.loop
         self.started_at = time.time()
         self.connections: set[Connection] = set()
+        # connections of the other front end (virtlockd's protocol), set by the daemon:
+        # max_connections and Status count every connection lockd holds
+        self.count_others: Callable[[], int] = lambda: 0
         self.servers: list[asyncio.AbstractServer] = []
         self._main: dict[str, Handler] = {
             "io.lockd.Register": self.register,
@@ -241,6 +244,9 @@ class Server:
 
     def handlers(self, admin: bool) -> dict[str, Handler]:
         return self._admin if admin else self._main
+
+    def count_connections(self) -> int:
+        return len(self.connections) + self.count_others()
 
     async def start(self, main_sock: socket.socket, admin_sock: socket.socket) -> None:
         for sock, admin in ((main_sock, False), (admin_sock, True)):
@@ -381,7 +387,7 @@ class Server:
                 "leases": table.count,
                 "lost": table.lost(),
                 "owners": len(table.owners),
-                "connections": len(self.connections),
+                "connections": self.count_connections(),
                 "next_token": self.service.commit.last_token + 1,
                 "recovery": self.report.wire(),
             }
@@ -420,7 +426,7 @@ class Server:
     async def metrics(self, conn: Connection, p: Params) -> dict[str, Any]:
         return {
             "metrics": metrics.snapshot(
-                self.service, self.report, self.started_at, len(self.connections)
+                self.service, self.report, self.started_at, self.count_connections()
             )
         }
 
@@ -452,7 +458,7 @@ class Server:
         table = self.service.table
         return (
             f"{table.count} leases ({table.lost()} lost), {len(table.owners)} owners, "
-            f"{len(self.connections)} connections; last recovery: {self.report.summary()}"
+            f"{self.count_connections()} connections; last recovery: {self.report.summary()}"
         )
 
     async def force_release(self, conn: Connection, p: Params) -> dict[str, Any]:

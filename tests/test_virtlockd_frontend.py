@@ -390,3 +390,23 @@ def test_a_non_root_peer(vld: Daemon, owners: Owners, runtime_dir: Path) -> None
         assert lease["owner"]["pid"] == mine.pid
     finally:
         shutil.rmtree(fdir, ignore_errors=True)
+
+
+def test_max_connections_counts_both_front_ends(
+    make_daemon: Callable[..., Daemon], runtime_dir: Path
+) -> None:
+    """max_connections bounds every connection lockd holds, Varlink and virtlockd's protocol
+    together (the Varlink side used to count only its own): with a limit of 3, two Varlink
+    connections and one virtlockd-protocol connection fill it, and a fourth is refused on
+    either socket; the ones already open keep working."""
+    sock = runtime_dir / "vl.sock"
+    d = make_daemon(config=f'virtlockd_socket = "{sock}"\nmax_connections = 3\n')
+    with d.connect() as a, d.connect() as b, vl.Conn(sock) as v:
+        assert a.call("org.varlink.service.GetInfo")["product"] == "lockd"
+        assert b.call("org.varlink.service.GetInfo")["product"] == "lockd"
+        assert v.outcome(wait=0.3) == "silent"  # accepted, nothing to say
+        with d.connect() as extra:
+            assert extra.closed_by_peer(), "a fourth connection (Varlink) was accepted"
+        with vl.Conn(sock) as extra_vl:
+            assert extra_vl.outcome(wait=5) == "eof", "a fourth connection (virtlockd) stayed"
+        assert a.call("org.varlink.service.GetInfo")["product"] == "lockd"
