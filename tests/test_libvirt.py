@@ -28,6 +28,7 @@ import libvirt_harness as lh
 import pytest
 import sd_harness as sd
 from e2e import is_free, probe, probe_setlk_elsewhere, wait_until
+from measured import Figures, printed_at_end
 
 DOMAINS = {
     # two domains on one disk, and one on a disk of its own
@@ -50,33 +51,9 @@ def busy(disk: Path) -> str:
 # --- figures ------------------------------------------------------------------------------------
 
 
-class Figures:
-    """Measured step timings, printed together at the end of the module."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        print(line)
-
-    def ms(self, what: str, seconds: float) -> None:
-        self.add(f"{what}: {seconds * 1000:.0f} ms")
-
-
 @pytest.fixture(scope="module")
 def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
-    f = Figures()
-    yield f
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not f.lines:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_sep("-", "lockd as libvirt's lock daemon: measured")
-        for line in f.lines:
-            reporter.write_line(line)
+    yield from printed_at_end(request, "lockd as libvirt's lock daemon: measured")
 
 
 # --- fixtures -----------------------------------------------------------------------------------

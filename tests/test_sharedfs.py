@@ -42,6 +42,7 @@ import pytest
 import sd_harness as sd
 import vlharness as vl
 from e2e import Conn, Daemon, Owners, is_free, message, probe, probe_setlk_elsewhere, wait_until
+from measured import Figures, printed_at_end
 from test_verify import EXIT_DRIFT, setlk, steal_fd, systemd_verify
 
 from lockd import errors
@@ -49,28 +50,9 @@ from lockd import errors
 RESOURCE = "vm-{}-disk"
 
 
-class Figures:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        print(line)
-
-
 @pytest.fixture(scope="module")
 def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
-    f = Figures()
-    yield f
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not f.lines:
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line("")
-        reporter.write_sep("-", "lockd on GlusterFS: measured")
-        for line in f.lines:
-            reporter.write_line(line)
+    yield from printed_at_end(request, "lockd on GlusterFS: measured")
 
 
 @pytest.fixture(scope="module")
