@@ -251,6 +251,22 @@ class FloorServer(Service):
         return super().start()
 
 
+class LeanServer(Service):
+    """The lean prototype (:mod:`bench.lean`): lockd's work per Acquire and Release (the
+    same syscalls, the same journal rows, committed before the reply) without lockd's
+    layers, on uvloop, bytecode-compiled like the daemon."""
+
+    def __init__(self, base: Path, python: str = sys.executable) -> None:
+        self.socket = base / "lean.sock"
+        self.state_dir = base / "state"
+        argv = [python, "-m", "bench.lean", str(self.socket), str(self.state_dir)]
+        super().__init__(base, argv, {"PYTHONPATH": str(REPO)}, unset=("PYTHONDONTWRITEBYTECODE",))
+
+    def start(self) -> float:
+        self.socket.unlink(missing_ok=True)
+        return super().start()
+
+
 def _die_with_us() -> None:
     """In the child: SIGKILL when the benchmark dies, so no owner outlives a crashed run."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -33,6 +33,7 @@ def record(pid: int, out: Path, rate: int = 250, native: bool = False) -> Iterat
     # --native unwinds C frames, which needs the process paused while sampling
     argv += ["--native"] if native else ["--nonblocking"]
     log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)  # the profile runs before the results are written
     with open(log, "wb") as err:
         proc = subprocess.Popen(argv, stdout=err, stderr=subprocess.STDOUT)
     try:

@@ -20,6 +20,8 @@ MS = 1e3  # seconds -> ms
 MB = 1 / 1024  # kB -> MB
 RTT = "Varlink RTT×2, do-nothing uvloop server"
 F, L, V = ("floor",), ("lockd",), ("virtlockd",)
+LEAN = ("floor", "lean")  # bench/lean.py: lockd's work without its layers (a prototype)
+LEAN_NAME = "lean prototype (bench/lean.py, lockd's work without its layers)"
 CPU = "server_cpu_us_per_pair"
 
 
@@ -168,6 +170,8 @@ def rows(reps: list[Rep], once: dict[str, Any], steps: list[int], clients: list[
         ("do-nothing server", F + ("seq", "server_cpu_us_per_pair")),
         V + ("seq", "server_cpu_us_per_pair"),
     )
+    t.row(f"{LEAN_NAME}: pair, p50", "µs", LEAN + ("seq", "p50_us"),
+          (f"{RTT}, p50", F + ("seq", "p50_us")), V + ("seq", "p50_us"))  # fmt: skip
     t.row(
         "pair through lockd.client.Client, p50",
         "µs",
@@ -187,6 +191,14 @@ def rows(reps: list[Rep], once: dict[str, Any], steps: list[int], clients: list[
             target="≥ 0.6× virtlockd",
             check=lambda lv, fv, vv: vv is not None and lv >= 0.6 * vv,
             cpu=(L + (c, CPU), F + (c, CPU), V + (c, CPU)),
+        )
+        t.row(
+            f"{LEAN_NAME}: pairs/s",
+            "pairs/s",
+            LEAN + (c, "per_s"),
+            (f"{RTT}, {n} clients", F + (c, "per_s")),
+            V + (c, "per_s"),
+            cpu=(LEAN + (c, CPU), F + (c, CPU), V + (c, CPU)),
         )
         t.row("pair, p50", "µs", L + (c, "p50_us"), ("p50", F + (c, "p50_us")), V + (c, "p50_us"))
         t.row("pair, p99", "µs", L + (c, "p99_us"), ("p99", F + (c, "p99_us")), V + (c, "p99_us"))

@@ -49,6 +49,7 @@ from bench import floors, report, vl
 from bench.procs import (
     REPO,
     FloorServer,
+    LeanServer,
     Lockd,
     Owners,
     compile_tree,
@@ -148,6 +149,29 @@ def run_floors(ctx: Ctx) -> dict[str, Any]:
             out[f"conc{n}"] = concurrent(make, n, dur=a.dur, server_pid=srv.pid)
     finally:
         srv.close()
+    out["lean"] = run_lean(ctx)
+    return out
+
+
+def run_lean(ctx: Ctx) -> dict[str, Any]:
+    """The lean prototype (bench/lean.py) under lockd's 1-connection and N-client workloads."""
+    a = ctx.args
+    out: dict[str, Any] = {}
+    srv = LeanServer(ctx.base("lean"))
+    try:
+        srv.start()
+        conn = Raw(str(srv.socket))
+        owner = register(conn, ctx.owners.spawn(1)[0], "seq")
+        drv = PairDriver(conn, owner, str(ctx.files[0]))
+        out["seq"] = sequential(drv, a.seq_n, srv.pid, a.warm)
+        for n in a.clients:
+            uuids = [register(conn, p, f"w{n}-{i}") for i, p in enumerate(ctx.owners.spawn(n))]
+            make = _conc_drivers(str(srv.socket), uuids, ctx.files[1 : 1 + n])
+            out[f"conc{n}"] = concurrent(make, n, dur=a.dur, server_pid=srv.pid)
+        conn.close()
+    finally:
+        srv.close()
+        ctx.owners.close()
     return out
 
 
@@ -603,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report.render(rows, fits, once, meta)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     result = {"meta": meta, "rows": rows, "recovery_fit": fits, "reps": reps, "once": once}
+    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"bench-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
     (a.out / f"bench-{stamp}.md").write_text(table + "\n")
     print(table)
