@@ -7,7 +7,8 @@ the instructions one pair costs, for one lockd tree or two (A/B).
 
 What runs: the real :class:`~lockd.service.LockService`, journal (SQLite, WAL, in a
 temporary directory), lockspaces and a real file, behind the protocol's own connection class
-(``--proto varlink``: lockd.server's; ``virtlockd``: lockd.virtlockd_server's) fed the wire
+(``--proto varlink``: lockd.server's; ``virtlockd``: lockd.virtlockd_server's; ``lean``: the
+prototype's of :mod:`bench.lean`, lockd's work without its layers) fed the wire
 bytes of an Acquire and a Release, whose replies go to a stub transport. One request per
 group commit (the single-connection case); no sockets, so no kernel time for them, and the
 client costs nothing. The owner is put in the table by hand, without a pidfd: Debian 12's
@@ -96,7 +97,16 @@ async def _pairs(proto: str, n: int) -> None:
     table.add_owner(owner)
     transport = _Transport()
     conn: Any
-    if proto == "virtlockd":
+    if proto == "lean":  # bench/lean.py: lockd's work without its layers (its own journal)
+        from bench.lean import Lean, LeanConnection
+        from lockd.varlink import Call
+
+        lean = Lean(tmp / "lean")
+        conn = LeanConnection(lean)
+        params = {"owner": lean.register(os.getpid(), "bench"), "resource": str(disk)}
+        acquire = Call("io.lockd.Acquire", params).encode()
+        release = Call("io.lockd.Release", params).encode()
+    elif proto == "virtlockd":
         from lockd import virtlockd_rpc as rpc
         from lockd.virtlockd_server import VirtlockdConnection, VirtlockdServer
 
@@ -173,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.instructions", description=__doc__.split("\n")[0]
     )
     p.add_argument("trees", nargs="+", help="one or two lockd trees: a git commit or a directory")
-    p.add_argument("--proto", choices=["varlink", "virtlockd"], default="varlink")
+    # lean: bench/lean.py (the tree's lockd.ofd and lockd.journal, the prototype's layers)
+    p.add_argument("--proto", choices=["varlink", "virtlockd", "lean"], default="varlink")
     p.add_argument("--pairs", type=int, nargs=2, default=[200, 700], metavar=("N1", "N2"))
     a = p.parse_args(argv)
     if shutil.which("valgrind") is None:

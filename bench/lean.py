@@ -36,7 +36,7 @@ from lockd import journal as jn
 from lockd import ofd
 
 
-class _Lean:
+class Lean:
     """The state of the prototype: owners, leases, the batch of the next commit."""
 
     def __init__(self, state_dir: Path) -> None:
@@ -121,18 +121,18 @@ class _Lean:
         self.later(t, {"lease": done | {"token": token, "state": "released"}}, fd)
         return None
 
-    def register(self, pid: int, name: str) -> bytes:
+    def register(self, pid: int, name: str) -> str:
         o = {"uuid": str(uuid.uuid4()), "name": name, "pid": pid}
         self.owners[o["uuid"]] = o
-        return orjson.dumps({"parameters": {"owner": o}}) + b"\0"
+        return o["uuid"]
 
 
 def _error(name: str) -> bytes:
     return orjson.dumps({"error": name, "parameters": {}}) + b"\0"
 
 
-class _Connection(asyncio.Protocol):
-    def __init__(self, lean: _Lean) -> None:
+class LeanConnection(asyncio.Protocol):
+    def __init__(self, lean: Lean) -> None:
         self.lean = lean
         self.buf = b""
         self.transport: asyncio.Transport | None = None
@@ -153,7 +153,8 @@ class _Connection(asyncio.Protocol):
             elif method == "io.lockd.Release":
                 now = self.lean.release(t, p["owner"], p["resource"])
             elif method == "io.lockd.Register":
-                now = self.lean.register(p["pid"], p.get("name", ""))
+                owner = self.lean.owners[self.lean.register(p["pid"], p.get("name", ""))]
+                now = orjson.dumps({"parameters": {"owner": owner}}) + b"\0"
             else:
                 now = _error("org.varlink.service.MethodNotFound")
             if now is not None:
@@ -163,8 +164,8 @@ class _Connection(asyncio.Protocol):
 
 async def serve(path: str, state_dir: Path) -> None:
     loop = asyncio.get_running_loop()
-    lean = _Lean(state_dir)
-    server = await loop.create_unix_server(lambda: _Connection(lean), path, backlog=1024)
+    lean = Lean(state_dir)
+    server = await loop.create_unix_server(lambda: LeanConnection(lean), path, backlog=1024)
     notify_ready()
     async with server:
         await server.serve_forever()
