@@ -56,7 +56,7 @@ class Lean:
         # after the commit: (transport, reply, fd to unlock and close or -1)
         self.replies: list[tuple[asyncio.Transport, bytes, int]] = []
         self.scheduled = False
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()  # made inside the served loop
 
     def flush(self) -> None:
         self.scheduled = False
