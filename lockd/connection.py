@@ -106,8 +106,23 @@ class CallConnection(asyncio.Protocol, Generic[C]):
         self.peer = Peer.of_socket(transport.get_extra_info("socket"))
 
     def data_received(self, data: bytes) -> None:
-        self._decode(data)
-        self._answer_queued()
+        if self._waiting or self.queue or self._yielded or self._peer_behind:
+            self._decode(data)  # behind the call being answered, or held back: queued
+            self._answer_queued()
+        else:
+            # Nothing queued: a read that is one whole call (the usual case: a client waits
+            # for each reply) is started without the queue. With the Varlink decoder's own
+            # shortcut for such a read, 3% fewer instructions per pair (bench.instructions).
+            try:
+                calls = self.decoder.feed(data, MAX_QUEUED_CALLS)
+            except ProtocolError as exc:
+                self.framing_error(exc)
+                return
+            if len(calls) == 1 and not self.decoder.pending:
+                self._begin(calls[0])
+            else:
+                self.queue.extend(calls)
+                self._answer_queued()
         self._flow()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -185,16 +200,20 @@ class CallConnection(asyncio.Protocol, Generic[C]):
                 self.loop.call_soon(self._resume)
                 return
             budget -= 1
-            fut = self.start(queue.popleft())
-            if fut is None:
-                continue
-            if fut.done():  # a repeat, answered from what is known (never cancelled)
-                self.finish(fut)
-                continue
-            self._waiting = True
-            # reply in the loop iteration of the commit when the answer waits for one
-            if not self.commit.call_after_commit(fut, self._answered):
-                fut.add_done_callback(self._answered)
+            self._begin(queue.popleft())
+
+    def _begin(self, call: C) -> None:
+        """Start a call: answered at once, or ``_waiting`` for its future's answer."""
+        fut = self.start(call)
+        if fut is None:
+            return
+        if fut.done():  # a repeat, answered from what is known (never cancelled)
+            self.finish(fut)
+            return
+        self._waiting = True
+        # reply in the loop iteration of the commit when the answer waits for one
+        if not self.commit.call_after_commit(fut, self._answered):
+            fut.add_done_callback(self._answered)
 
     def _resume(self) -> None:
         self._yielded = False

@@ -80,6 +80,15 @@ class Decoder:
         rest stay buffered for the next call, which may pass ``b""``)."""
         if self._broken is not None:
             raise self._broken
+        # The usual read: exactly one whole message of an allowed size, nothing held (a
+        # client waits for each reply). Decoded from ``data`` itself, without the buffer.
+        end = len(data) - 1
+        if not self._buf and limit != 0 and 0 <= end <= self.max_message and data.find(0) == end:
+            try:
+                return [loads(data[:end])]
+            except ProtocolError as exc:
+                self._broken = exc
+                raise
         # Search for NUL only in what is new: a large message arriving in many small reads
         # would otherwise be rescanned from its start on every read (quadratic).
         scan = self._scanned
