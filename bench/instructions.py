@@ -110,7 +110,7 @@ async def _pairs(proto: str, n: int) -> None:
         from lockd import virtlockd_rpc as rpc
         from lockd.virtlockd_server import VirtlockdConnection, VirtlockdServer
 
-        conn = VirtlockdConnection(VirtlockdServer(config, service, lambda: 0))
+        conn = VirtlockdConnection(VirtlockdServer(config, service))
         conn.owner = owner
         args = rpc.ResourceArgs("", str(disk), 0)
         acquire = rpc.encode_call(rpc.Proc.ACQUIRE_RESOURCE, 1, args)

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from lockd.errors import ProtocolError
@@ -231,3 +233,30 @@ class CallConnection(asyncio.Protocol, Generic[C]):
             self._flow()
         elif self._paused:
             self._flow()
+
+
+class Listener:
+    """What a front end's listener shares: its connections, its sockets' servers, closing
+    them, and counting connections across front ends (max_connections and Status count
+    every connection lockd holds)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.connections: set[Any] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        # the other front end's connections, set by the daemon when both listen
+        self.count_others: Callable[[], int] = lambda: 0
+
+    def count_connections(self) -> int:
+        return len(self.connections) + self.count_others()
+
+    async def listen(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
+        srv = await self.loop.create_unix_server(factory, sock=sock, backlog=1024)
+        self.servers.append(srv)
+
+    async def close(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()

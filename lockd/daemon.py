@@ -246,8 +246,9 @@ class Daemon:
         await server.start(listeners[notify.MAIN_SOCKET_NAME], listeners[notify.ADMIN_SOCKET_NAME])
         virtlockd: VirtlockdServer | None = None
         if notify.VIRTLOCKD_SOCKET_NAME in listeners:
-            virtlockd = VirtlockdServer(self.config, service, lambda: len(server.connections))
+            virtlockd = VirtlockdServer(self.config, service)
             await virtlockd.start(listeners[notify.VIRTLOCKD_SOCKET_NAME])
+            virtlockd.count_others = lambda: len(server.connections)
             server.count_others = lambda: len(virtlockd.connections)
         log.info(
             "lockd %s ready: %s; %d leases held, fd store %s, fd limit %d",

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from lockd import __version__, metrics
 from lockd.config import Config
-from lockd.connection import CallConnection
+from lockd.connection import CallConnection, Listener
 from lockd.errors import (
     InterfaceNotFound,
     InvalidParameter,
@@ -201,7 +201,9 @@ class Connection(CallConnection[dict[str, Any]]):
             self.send(encode_error(LockdError("internal error", method=call.method)))
 
 
-class Server:
+class Server(Listener):
+    """The Varlink listeners (main and admin socket) and their calls' handlers."""
+
     def __init__(
         self,
         config: Config,
@@ -209,17 +211,12 @@ class Server:
         report: Report,
         request_reexec: Callable[[], None],
     ) -> None:
+        super().__init__(service.loop)
         self.config = config
         self.request_reexec = request_reexec
         self.service = service
         self.report = report
-        self.loop = service.loop
         self.started_at = time.time()
-        self.connections: set[Connection] = set()
-        # connections of the other front end (virtlockd's protocol), set by the daemon:
-        # max_connections and Status count every connection lockd holds
-        self.count_others: Callable[[], int] = lambda: 0
-        self.servers: list[asyncio.AbstractServer] = []
         self._main: dict[str, Handler] = {
             "io.lockd.Register": self.register,
             "io.lockd.Acquire": self.acquire,
@@ -245,22 +242,9 @@ class Server:
     def handlers(self, admin: bool) -> dict[str, Handler]:
         return self._admin if admin else self._main
 
-    def count_connections(self) -> int:
-        return len(self.connections) + self.count_others()
-
     async def start(self, main_sock: socket.socket, admin_sock: socket.socket) -> None:
         for sock, admin in ((main_sock, False), (admin_sock, True)):
-            srv = await self.loop.create_unix_server(
-                functools.partial(Connection, self, admin), sock=sock, backlog=1024
-            )
-            self.servers.append(srv)
-
-    async def close(self) -> None:
-        for srv in self.servers:
-            srv.close()
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            await self.listen(sock, functools.partial(Connection, self, admin))
 
     def _service_methods(self) -> dict[str, Handler]:
         return {

@@ -53,12 +53,11 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from lockd import ofd
 from lockd.config import Config
-from lockd.connection import CallConnection
+from lockd.connection import CallConnection, Listener
 from lockd.errors import (
     InvalidParameter,
     InvalidResource,
@@ -471,31 +470,13 @@ def _translate(exc: LockdError, name: str, create: bool = False) -> Refused:
     return _refuse(ERR_INTERNAL_ERROR, FROM_LOCKSPACE, str(exc))
 
 
-class VirtlockdServer:
+class VirtlockdServer(Listener):
     """The listener of virtlockd's protocol; its connections share the daemon's limits."""
 
-    def __init__(
-        self, config: Config, service: LockService, count_others: Callable[[], int]
-    ) -> None:
+    def __init__(self, config: Config, service: LockService) -> None:
+        super().__init__(service.loop)
         self.config = config
         self.service = service
-        self.loop = service.loop
-        self.connections: set[VirtlockdConnection] = set()
-        self._count_others = count_others
-        self.servers: list[asyncio.AbstractServer] = []
-
-    def count_connections(self) -> int:
-        return len(self.connections) + self._count_others()
 
     async def start(self, sock: socket.socket) -> None:
-        srv = await self.loop.create_unix_server(
-            functools.partial(VirtlockdConnection, self), sock=sock, backlog=1024
-        )
-        self.servers.append(srv)
-
-    async def close(self) -> None:
-        for srv in self.servers:
-            srv.close()
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+        await self.listen(sock, functools.partial(VirtlockdConnection, self))
