@@ -47,15 +47,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lockd.client
 from torture import kernel
 from torture.daemonctl import REPO, Lockd, Spawner, StartFailed, VarlinkError, varlink_call
+from torture.run import conclude, drive, workdir
 from torture.workload import ClientThread, Context, Gate, Model, Owner, RunLog, kill_owners
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -538,35 +537,13 @@ def main(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"torture --hosts 2: cannot run a GlusterFS bed here: {reason}", file=sys.stderr)
         return 2
-    lockd.client.BACKOFF_MAX = args.client_backoff
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = args.workdir or REPO / "results" / "torture" / f"{stamp}-seed{args.seed}-hosts2"
-    base.mkdir(parents=True, exist_ok=False)
+    base = workdir(args, "-hosts2")
     runtime = Path(tempfile.mkdtemp(prefix="ltm", dir="/tmp"))
     print(f"torture: seed {args.seed}, {args.cycles} cycles, two hosts, work directory {base}")
     try:
         with gh.GlusterBed(options={"client.strict-locks": "on"}) as bed:
             torture = MultiHost(args, base, runtime, bed)
-            try:
-                rc = torture.run()
-            except BaseException:
-                torture.log.write(f"harness error:\n{traceback.format_exc()}")
-                print(f"torture: harness error; see {base / 'torture.log'}", file=sys.stderr)
-                raise
-            finally:
-                torture.teardown()
+            rc = drive(torture, base)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
-    print(torture.report())
-    if rc:
-        print(f"\n{len(torture.log.violations)} violation(s); first ones:")
-        for v in torture.log.violations[:10]:
-            print(f"  {v}")
-        print(f"\njournals, daemon logs and torture.log kept in {base}")
-        print(
-            f"reproduce: make torture TORTURE_ARGS='--hosts 2 --seed {args.seed} "
-            f"--cycles {args.cycles}'"
-        )
-    elif not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
-    return rc
+    return conclude(torture, rc, base, args, "journals, daemon logs", "--hosts 2 ")

@@ -46,6 +46,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import lockd.client
 from lockd.failpoint import POINTS
@@ -525,28 +526,65 @@ def main(argv: list[str] | None = None) -> int:
         from torture import multihost
 
         return multihost.main(args)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = args.workdir or REPO / "results" / "torture" / f"{stamp}-seed{args.seed}"
-    base.mkdir(parents=True, exist_ok=False)
+    base = workdir(args, "")
     runtime = Path(tempfile.mkdtemp(prefix="ltt", dir="/tmp"))  # sun_path: 108 bytes
     print(f"torture: seed {args.seed}, {args.cycles} cycles, work directory {base}", flush=True)
     torture = Torture(args, base, runtime)
     try:
-        rc = torture.run()
+        rc = drive(torture, base)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    return conclude(torture, rc, base, args, "journal, daemon log", "")
+
+
+class Runner(Protocol):
+    """A torture run (:class:`Torture`, or torture.multihost's): what :func:`drive` and
+    :func:`conclude` use of it."""
+
+    log: RunLog
+
+    def run(self) -> int: ...
+
+    def teardown(self) -> None: ...
+
+    def report(self) -> str: ...
+
+
+def workdir(args: argparse.Namespace, suffix: str) -> Path:
+    """The run's own new directory (journals, logs, torture.log)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base: Path = args.workdir or REPO / "results" / "torture" / f"{stamp}-seed{args.seed}{suffix}"
+    base.mkdir(parents=True, exist_ok=False)
+    return base
+
+
+def drive(torture: Runner, base: Path) -> int:
+    """Run it; whatever happens, tear it down (a harness error is logged, then raised)."""
+    try:
+        return torture.run()
     except BaseException:
         torture.log.write(f"harness error:\n{traceback.format_exc()}")
         print(f"torture: harness error; see {base / 'torture.log'}", file=sys.stderr)
         raise
     finally:
         torture.teardown()
-        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def conclude(
+    torture: Runner, rc: int, base: Path, args: argparse.Namespace, kept: str, flags: str
+) -> int:
+    """Print the report, and the first violations with how to reproduce them; the work
+    directory stays only when something was found (or with --keep)."""
     print(torture.report())
     if rc:
         print(f"\n{len(torture.log.violations)} violation(s); first ones:")
         for v in torture.log.violations[:10]:
             print(f"  {v}")
-        print(f"\njournal, daemon log and torture.log kept in {base}")
-        print(f"reproduce: make torture TORTURE_ARGS='--seed {args.seed} --cycles {args.cycles}'")
+        print(f"\n{kept} and torture.log kept in {base}")
+        print(
+            f"reproduce: make torture TORTURE_ARGS='{flags}--seed {args.seed} "
+            f"--cycles {args.cycles}'"
+        )
     elif not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return rc
