@@ -46,7 +46,7 @@ from collections import Counter
 from typing import Any
 
 from torture import kernel
-from torture.daemonctl import REPO, Lockd, varlink_call
+from torture.daemonctl import REPO, Lockd, lockctl_verify, varlink_call
 from torture.workload import Model, Owner, RunLog
 
 HISTORY_LIMIT = 20_000
@@ -355,17 +355,9 @@ class Checker:
     def verify(self) -> None:
         """``lockctl verify``: lockd's own account of its fds against the kernel's locks
         (and the fd store under systemd); run once at the end, with everything at rest."""
-        out = subprocess.run(
-            [sys.executable, "-m", "lockd.cli", "--admin-socket", str(self.lockd.admin_socket),
-             "verify", "-J"],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
         self.stats["verify runs"] += 1
-        if out.returncode == 7:
-            for f in json.loads(out.stdout)["verify"]["drift"]:
-                self.violation("verify-drift", f"lockctl verify: {f}")
-        elif out.returncode != 0:
-            self.violation("verify", f"lockctl verify exited {out.returncode}: {out.stderr}")
+        for kind, finding in lockctl_verify(self.lockd.admin_socket, timeout=120)[1]:
+            self.violation(kind, finding)
 
     def _lockctl(self) -> list[tuple[str, str, str, int, str]] | None:
         out = subprocess.run(

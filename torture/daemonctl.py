@@ -277,3 +277,20 @@ def varlink_call(
         raise VarlinkError(str(msg["error"]), msg.get("parameters") or {})
     params: dict[str, Any] = msg.get("parameters", {})
     return params
+
+
+def lockctl_verify(
+    admin_socket: Path, timeout: float
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """``lockctl verify`` of one daemon: its report when it found no drift, and the findings
+    as (kind, text): each drift (exit code 7), or the command's own failure."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lockd.cli", "--admin-socket", str(admin_socket), "verify", "-J"],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if out.returncode == 7:
+        drift = json.loads(out.stdout)["verify"]["drift"]
+        return None, [("verify-drift", f"lockctl verify: {f}") for f in drift]
+    if out.returncode != 0:
+        return None, [("verify", f"lockctl verify exited {out.returncode}: {out.stderr}")]
+    return json.loads(out.stdout)["verify"], []

@@ -38,12 +38,10 @@ both hosts from outside:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +51,15 @@ from pathlib import Path
 from typing import Any
 
 from torture import kernel
-from torture.daemonctl import REPO, Lockd, Spawner, StartFailed, VarlinkError, varlink_call
+from torture.daemonctl import (
+    REPO,
+    Lockd,
+    Spawner,
+    StartFailed,
+    VarlinkError,
+    lockctl_verify,
+    varlink_call,
+)
 from torture.run import conclude, drive, workdir
 from torture.workload import ClientThread, Context, Gate, Model, Owner, RunLog, kill_owners
 
@@ -440,21 +446,11 @@ class MultiHost:
 
     def verify(self, h: Host) -> None:
         """``lockctl verify`` of one host's lockd: its leases against the storage's locks."""
-        out = subprocess.run(
-            [sys.executable, "-m", "lockd.cli", "--admin-socket", str(h.lockd.admin_socket),
-             "verify", "-J"],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
         self.stats["verify runs"] += 1
-        if out.returncode == 7:
-            for f in json.loads(out.stdout)["verify"]["drift"]:
-                self.violation("verify-drift", f"host {h.name}: lockctl verify: {f}")
-        elif out.returncode != 0:
-            self.violation(
-                "verify", f"host {h.name}: lockctl verify exited {out.returncode}: {out.stderr}"
-            )
-        else:
-            report = json.loads(out.stdout)["verify"]
+        report, findings = lockctl_verify(h.lockd.admin_socket, timeout=300)
+        for kind, finding in findings:
+            self.violation(kind, f"host {h.name}: {finding}")
+        if report is not None:
             self.stats["leases verified at the end"] += report["held"]
             self.log.write(f"verify: host {h.name}: {report}")
 
