@@ -24,14 +24,16 @@ import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -536,6 +538,23 @@ class Daemon:
         assert "io.lockd" in info["interfaces"], info
 
 
+@contextlib.contextmanager
+def module_daemon(base: Path, config: Callable[[Path], str] | None = None) -> Iterator[Daemon]:
+    """A started lockd for a whole test module (``config``: its config text, made from its
+    runtime directory). The runtime directory is a short one under /tmp (a socket path
+    holds at most 108 bytes); a daemon that died meanwhile prints its stderr at the end."""
+    run = Path(tempfile.mkdtemp(prefix="lkd", dir="/tmp"))
+    d = Daemon(base, run, config=None if config is None else config(run))
+    try:
+        d.start()
+        yield d
+    finally:
+        if not d.running:
+            print(d.stderr_tail(200))
+        d.close()
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def lockctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKD_")}
     return subprocess.run(
@@ -887,9 +906,7 @@ def journal_leases(state_dir: Path) -> dict[tuple[str, str], tuple[str, int, str
     read with SQLite directly. The daemon may be running, stopped or dead: while it lives it
     holds the journal's exclusive lock, so this reads a copy of the database and its WAL,
     which is exactly what a restart would recover (every committed frame, nothing else)."""
-    import shutil
     import sqlite3
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         for suffix in ("", "-wal"):

@@ -145,6 +145,15 @@ def _is_mounted(path: Path) -> bool:
         return any(line.split()[1] == target for line in f)
 
 
+def answers(path: Path) -> bool:
+    """Whether a path on a mount answers a stat (a FUSE mount mid-reconnect does not)."""
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
+
+
 class GlusterBed:
     """One private glusterd, one volume, mounted at ``mount("a")`` and ``mount("b")``.
 
@@ -321,21 +330,13 @@ class GlusterBed:
         self.clients[name] = proc
         self.pids.append(proc.pid)
         deadline = time.monotonic() + 30
-        while not (_is_mounted(target) and self._answers(target)):
+        while not (_is_mounted(target) and answers(target)):
             if proc.poll() is not None:
                 raise BedError(f"client {name} exited {proc.returncode}\n{self.tail(name)}")
             if time.monotonic() > deadline:
                 raise BedError(f"mount {name} did not come up in 30 s\n{self.tail(name)}")
             time.sleep(0.02)
         return time.monotonic() - t0
-
-    @staticmethod
-    def _answers(path: Path) -> bool:
-        try:
-            os.stat(path)
-        except OSError:
-            return False
-        return True
 
     def umount_client(self, name: str) -> None:
         """Unmount ``name`` and wait for its client to exit (lazily if files are open)."""

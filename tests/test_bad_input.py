@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e import Conn, ConnectionLost, Daemon, Owners, make_files, probe
+from e2e import Conn, ConnectionLost, Daemon, Owners, make_files, module_daemon, probe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,17 +28,8 @@ MAX_MESSAGE = 64 * 1024
 # checks after each case also see what the earlier cases left behind.
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("bad-input")
-    run = Path(tempfile.mkdtemp(prefix="lkd", dir="/tmp"))
-    d = Daemon(base, run)
-    try:
-        d.start()
+    with module_daemon(tmp_path_factory.mktemp("bad-input")) as d:
         yield d
-    finally:
-        if not d.running:
-            print(d.stderr_tail(200))
-        d.close()
-        shutil.rmtree(run, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

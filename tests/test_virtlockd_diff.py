@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import vlharness as vl
-from e2e import Daemon, wait_until
+from e2e import Daemon, module_daemon, wait_until
 from vlharness import probe
 
 pytestmark = pytest.mark.skipif(vl.unavailable() is not None, reason=str(vl.unavailable()))
@@ -109,18 +109,12 @@ def virtlockd() -> Iterator[vl.PrivateVirtlockd]:
 
 @pytest.fixture(scope="module")
 def lockd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    base = tmp_path_factory.mktemp("vl-diff")
-    run = Path(tempfile.mkdtemp(prefix="lkv", dir="/tmp"))
-    d = Daemon(base, run, config=f'virtlockd_socket = "{run}/vl.sock"\n')
-    d.vl_socket = run / "vl.sock"  # type: ignore[attr-defined]
-    try:
-        d.start()
+    def config(run: Path) -> str:
+        return f'virtlockd_socket = "{run}/vl.sock"\n'
+
+    with module_daemon(tmp_path_factory.mktemp("vl-diff"), config) as d:
+        d.vl_socket = d.runtime / "vl.sock"  # type: ignore[attr-defined]
         yield d
-    finally:
-        if not d.running:
-            print(d.stderr_tail(200))
-        d.close()
-        shutil.rmtree(run, ignore_errors=True)
 
 
 Case = Callable[[Side], list[Any]]

@@ -38,7 +38,6 @@ both hosts from outside:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import signal
@@ -225,7 +224,7 @@ class MultiHost:
             self.log.write(f"killer: reset host {host.name}'s brick connection {ports}")
             self.bed.wait_reconnected(host.name, 60)
             deadline = time.monotonic() + 30
-            while not _answers(host.mount / self.pool):
+            while not gh.answers(host.mount / self.pool):
                 if time.monotonic() > deadline:
                     self.violation("harness", f"mount {host.name} did not come back")
                     return False
@@ -518,14 +517,6 @@ def _probe(path: str) -> str:
         return kernel.probe(path)
     except FileNotFoundError:
         return "free"
-
-
-def _answers(path: Path) -> bool:
-    try:
-        os.stat(path)
-    except OSError:
-        return False
-    return True
 
 
 def main(args: argparse.Namespace) -> int:
