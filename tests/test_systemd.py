@@ -10,8 +10,9 @@ byte 0 of every lease file with ``F_OFD_GETLK`` while lockd is killed and restar
 counts every probe that found it free. Measured figures (gap observations, restart-to-READY,
 re-exec time) are printed at the end of the module.
 
-Time: about 1.5 minutes, most of it taking the 10,000 leases: systemd 252 checks each new
-fd-store entry against every stored one (kcmp(2)), so the n-th lease costs the manager O(n).
+Time: most of it goes to taking the leases of section 6 (2,000; 10,000 under
+``make test-scale``): systemd 252 checks each new fd-store entry against every stored one
+(kcmp(2)), so the n-th lease costs the manager O(n) and the whole table O(n²).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ import pytest
 import sd_harness as sd
 from e2e import Conn, hold_lock, is_free, message, probe, probe_setlk_elsewhere
 from measured import Figures, printed_at_end
+from scale import size
 
 SERVICE = sd.SERVICE
 N_MANY = 1_000
-N_HUGE = 10_000
+N_HUGE = size(2_000, 10_000)  # make test-scale: 10,000
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -348,7 +350,8 @@ def test_stop_then_start_retakes_and_fences(
     }
 
 
-def test_start_that_reparks_3000_leases_gets_ready(
+@pytest.mark.scale
+def test_start_that_reparks_thousands_of_leases_gets_ready(
     lockd: sd.UserManager, owners: sd.Owners, figures: Figures
 ) -> None:
     """After `systemctl stop` (the store flushed) recovery re-takes every lease and parks
@@ -357,7 +360,7 @@ def test_start_that_reparks_3000_leases_gets_ready(
     hanging until systemctl gave up: 2 of 5 such starts at 3,000 leases, before
     notify.deliver retried it (tests/test_notify_queue.py checks the retry itself)."""
     m = lockd
-    n = 3000
+    n = size(1_000, 3_000)
     files = sd.make_files(m.w / "res-repark", n)
     uuids = register_owners(m, owners, 4)
     sd.bulk_acquire(m.socket, [(uuids[i % 4], f) for i, f in enumerate(files)], connections=4)
@@ -508,7 +511,7 @@ def test_ten_aborts_in_a_row_keep_the_store(
     )
 
 
-# --- 6. 10,000 leases: re-exec (reload, lockctl reexec) and an abort ---------------------------
+# --- 6. thousands of leases: re-exec (reload, lockctl reexec) and an abort -----------------
 
 
 class Huge:
@@ -588,18 +591,18 @@ def _reexec_and_measure(h: Huge, how: str, figures: Figures) -> None:
     assert n_stored(m) == N_HUGE
 
 
-@pytest.mark.slow
-def test_reload_reexecs_with_10000_leases(huge: Huge, figures: Figures) -> None:
+@pytest.mark.scale
+def test_reload_reexecs_with_thousands_of_leases(huge: Huge, figures: Figures) -> None:
     _reexec_and_measure(huge, "reload", figures)
 
 
-@pytest.mark.slow
-def test_lockctl_reexec_with_10000_leases(huge: Huge, figures: Figures) -> None:
+@pytest.mark.scale
+def test_lockctl_reexec_with_thousands_of_leases(huge: Huge, figures: Figures) -> None:
     _reexec_and_measure(huge, "lockctl reexec", figures)
 
 
-@pytest.mark.slow
-def test_abort_with_10000_leases(huge: Huge, figures: Figures) -> None:
+@pytest.mark.scale
+def test_abort_with_thousands_of_leases(huge: Huge, figures: Figures) -> None:
     m = huge.m
     with sd.Observer(huge.files) as everything, sd.Observer(huge.sample) as sample:
         time.sleep(0.1)
