@@ -1,6 +1,7 @@
-"""Every snippet in the README runs as written (issue 12), against a real lockd.
+"""Every snippet in the README and in docs/ runs as written (issue 12), against a real lockd;
+every relative link there names a file of the repository.
 
-Theory of operation: the README's fenced ```sh and ```python blocks are taken in order and
+Theory of operation: a page's fenced ```sh and ```python blocks are taken in order and
 run verbatim in a private mount namespace (``unshare --mount``) where the default paths the
 README uses are private: a tmpfs on ``/run`` (sockets), an overlay on ``/var/lib`` (the
 journal in ``/var/lib/lockd``; the rest of ``/var/lib`` reads through), an empty directory
@@ -156,13 +157,13 @@ def run(readme: Path, work: Path) -> int:
 # --- the test ---------------------------------------------------------------------------------
 
 
-def test_every_readme_snippet_runs(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare (a private mount namespace for the default paths)")
+def run_page(page: Path) -> list[dict[str, object]]:
+    """Run every block of ``page`` in a private namespace (see the module docstring) and
+    return the runner's report; fail the test, naming the block, if one failed."""
     work = Path(tempfile.mkdtemp(prefix="lkd-readme.", dir="/tmp"))
     proc = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", sys.executable, __file__, "run",
-         str(REPO / "README.md"), str(work)],
+         str(page), str(work)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -178,20 +179,65 @@ def test_every_readme_snippet_runs(tmp_path: Path) -> None:
     )
     shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, (
-        f"a README snippet failed (runner exit {proc.returncode}):\n{out}\n"
+        f"a snippet of {page.name} failed (runner exit {proc.returncode}):\n{out}\n"
         + "\n".join(f"--- block {e['n']} ({e['lang']}), rc {e.get('rc')}:\n{e['code']}"
                     f"--- output:\n{e.get('output', '')}" for e in report if e.get("rc"))
     )  # fmt: skip
-    ran = [e for e in report if "skipped" not in e]
-    assert len(ran) >= 6 and all(e["rc"] == 0 for e in ran), report
     skipped = [e for e in report if "skipped" in e and not str(e["skipped"]).startswith("lang")]
     assert all(e["skipped"] for e in skipped)  # a reason for each
+    return report
+
+
+def _need_namespace() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (a private mount namespace for the default paths)")
+
+
+def test_every_readme_snippet_runs() -> None:
+    _need_namespace()
+    report = run_page(REPO / "README.md")
+    ran = [e for e in report if "skipped" not in e]
+    assert len(ran) >= 6 and all(e["rc"] == 0 for e in ran), report
     # what the tour promises, from the outputs of its blocks
     outputs = "".join(str(e.get("output", "")) for e in ran)
     acquired = re.search(r"exclusive\s+vm1\s+\d+\s+(\d+)\s+held", outputs)
     assert acquired, outputs
     assert re.search(rf"vm1\s+\d+\s+{acquired.group(1)}\s+held\s.*retaken", outputs), outputs
     assert "no drift" in outputs and "fencing token" in outputs, outputs
+
+
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_every_docs_snippet_runs(page: Path) -> None:
+    """docs/ is held to the README's rule: every ``sh`` and ``python`` block runs as written,
+    or says on the line before it why it cannot run here."""
+    runnable = [b for b in blocks(page.read_text()) if b[0] in ("sh", "python") and b[2] is None]
+    if not runnable:
+        return
+    _need_namespace()
+    report = run_page(page)
+    assert all(e.get("rc") == 0 for e in report if "skipped" not in e), report
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize(
+    "page", [REPO / "README.md", *DOCS], ids=["README.md", *(p.name for p in DOCS)]
+)
+def test_every_link_resolves(page: Path) -> None:
+    """Every relative link of the README and of docs/ names a file of this repository."""
+    text = FENCE.sub("", page.read_text())
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = target.split("#", 1)[0]
+        if not (page.parent / path).exists():
+            broken.append(target)
+    assert not broken, f"{page.name}: links to nothing: {broken}"
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["run"]:
