@@ -4,7 +4,7 @@
   ``make docs`` makes from man/manual.toml and the parsers now: none is stale;
 - every option and subcommand that ``--help`` shows (the real commands' output) is in the
   page, and the pages render without warnings from groff;
-- the keys of lockd.conf(5), of the sample and of the README's table are exactly
+- the keys of lockd.conf(5), of the sample and of docs/operating.md's table are exactly
   ``lockd.config.KEYS``, and the sample, uncommented, parses with ``lockd.config`` into the
   defaults;
 - the completion works through bash's own ``complete`` machinery;
@@ -98,9 +98,10 @@ def test_config_keys_everywhere_are_exactly_keys() -> None:
     assert sorted(k.replace("\\-", "-") for k in in_page) == sorted(config.KEYS)
     sample = (REPO / "etc" / "lockd.conf").read_text()
     assert sorted(re.findall(r"^#(\w+) = ", sample, re.M)) == sorted(config.KEYS)
-    readme = (REPO / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ")[0]
-    in_readme = re.findall(r"^\| `\[?(\w+)\]?` \|", readme, re.M)
-    assert sorted(in_readme) == sorted(config.KEYS), in_readme
+    ops = (REPO / "docs" / "operating.md").read_text()
+    table = ops.split("## Configuration", 1)[1].split("\n## ")[0]
+    in_docs = re.findall(r"^\| `\[?(\w+)\]?` \|", table, re.M)
+    assert sorted(in_docs) == sorted(config.KEYS), in_docs
 
 
 def test_sample_config_parses_to_the_defaults(
