@@ -12,7 +12,7 @@ maps flags to keyword overrides. Paths follow DESIGN §1:
 
 The config file is TOML (default ``/etc/lockd/lockd.conf``; a missing default file is not an
 error, a missing explicit one is). Every key, with its default, is in ``KEYS`` below and in
-the README. Unknown keys are refused: a typo must not silently leave a default in force.
+docs/operating.md. Unknown keys are refused: a typo must not silently leave a default in force.
 """
 
 from __future__ import annotations

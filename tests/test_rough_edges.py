@@ -2,7 +2,7 @@
 
 Each test names the edge it pins down: the daemon's own words reach the user, lockctl leaves
 no owner behind when its acquire fails, options are offered only where they work, the state
-directory holds what the README says (no ``lockd.pid`` after a clean stop, no ``-shm``
+directory holds what docs/decisions.md says (no ``lockd.pid`` after a clean stop, no ``-shm``
 after a crash), and GetInfo names no invented URL.
 """
 

@@ -480,7 +480,7 @@ def test_release_names_the_lease_taken_under_that_name(
     daemon: Daemon, owners: Owners, files: list[Path]
 ) -> None:
     """A name that now leads to another file the owner also holds releases the lease taken
-    under that name, not the other one (README: which lease a Release names)."""
+    under that name, not the other one (docs/decisions.md: which lease a Release names)."""
     a = reg(daemon, owners)["uuid"]
     first = daemon.acquire(files[0], owner=a)
     second = daemon.acquire(files[1], owner=a)

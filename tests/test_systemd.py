@@ -832,7 +832,7 @@ KillMode=process
 
 
 def test_switching_a_debian_libvirt_host(system_manager: sd.SystemManager) -> None:
-    """The README's switch, command for command, on Debian 12's libvirt units: virtlockd
+    """The switch of docs/libvirt.md, command for command, on Debian 12's libvirt units: virtlockd
     serves a lock; it is stopped (the lock goes with it, measured); virtlockd.service and its
     admin socket are masked, the project's drop-in hands virtlockd.socket to lockd, and lockd
     is restarted by systemd with the fd store kept; lockd answers on
@@ -872,7 +872,7 @@ def test_switching_a_debian_libvirt_host(system_manager: sd.SystemManager) -> No
         assert vl.probe(files[0]) == "exclusive"
         lockctl = str(Path(sys.executable).with_name("lockctl"))
         m.run_inside(lockctl, "acquire", files[2], "--pid", str(other_pid), "--name", "other")
-        # -- the switch (README)
+        # -- the switch (docs/libvirt.md)
         sh("systemctl stop virtlockd.service virtlockd-admin.socket")
         assert vl.probe(files[0]) == "free"  # virtlockd's locks die with it
         sh("systemctl mask virtlockd.service virtlockd-admin.socket")
@@ -898,7 +898,7 @@ def test_switching_a_debian_libvirt_host(system_manager: sd.SystemManager) -> No
         assert lock(files[1], "vm").ok  # still lockd: the lease is journaled
         leases = json.loads(m.run_inside(lockctl, "locks", "-J").stdout)["leases"]
         assert {x["resource"] for x in leases} == set(files)
-        # -- the switch back (README)
+        # -- the switch back (docs/libvirt.md)
         sh("rm /etc/systemd/system/virtlockd.socket.d/50-lockd.conf")
         sh("systemctl unmask virtlockd.service virtlockd-admin.socket")
         sh("systemctl daemon-reload")

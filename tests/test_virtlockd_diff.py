@@ -6,7 +6,7 @@ files and owner processes of its own. The replies are compared field by field (h
 status, and every member of ``virNetMessageError``), after replacing what must differ (the
 test directory, the owner processes' pids) by placeholders. A case is either *the same* on
 both, or an explicit, asserted difference where lockd is deliberately safer; every
-difference is also a line in the README ("Replacing virtlockd on a libvirt host").
+difference is also a line in docs/libvirt.md.
 
 The protocol is spoken by ``vlharness`` (the tests' own client, sharing no code with lockd),
 and locks are checked from outside with the kernel's view (``e2e.probe``).
@@ -450,7 +450,7 @@ def test_same_replies(virtlockd: vl.PrivateVirtlockd, lockd: Daemon, case: Case)
     assert v == lk
 
 
-# --- deliberate differences (each is a line in the README) ------------------------------------
+# --- deliberate differences (each is a line in docs/libvirt.md) --------------------------------
 
 
 def run_cases(virtlockd: vl.PrivateVirtlockd, lockd: Daemon, case: Case) -> tuple[Any, Any]:
