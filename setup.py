@@ -8,6 +8,8 @@ C extensions from the same source, type-checked by ``mypy --strict`` as they are
 
     LOCKD_MYPYC=1 pip install --no-build-isolation .   # needs mypy (the [test] extra) and gcc
 
+``LOCKD_MYPYC_OPT`` sets mypyc's C optimization level (default 3; the build test uses 0).
+
 The other modules (the entry points, configuration, errors, the client) stay interpreted:
 ``python -m`` cannot run a compiled module, and exception classes must stay Python classes.
 bench/README.md has the measured difference; ``make test-mypyc`` runs the tests against it.
@@ -40,6 +42,9 @@ ext_modules = []
 if os.environ.get("LOCKD_MYPYC") == "1":
     from mypyc.build import mypycify
 
-    ext_modules = mypycify([f"lockd/{name}.py" for name in MYPYC_MODULES], opt_level="3")
+    ext_modules = mypycify(
+        [f"lockd/{name}.py" for name in MYPYC_MODULES],
+        opt_level=os.environ.get("LOCKD_MYPYC_OPT", "3"),
+    )
 
 setup(ext_modules=ext_modules)
