@@ -68,7 +68,7 @@ class Lean:
         if self.deletes:
             cur.executemany(jn._DELETE_LEASE, self.deletes)
             cur.executemany(jn._TOUCH_GRANT, self.touches)
-        cur.execute(jn._INSERT_HISTORY, (self.seq, time.time(), orjson.dumps(self.events)))
+        cur.execute(jn._INSERT_HISTORY, (self.seq, time.time(), orjson.dumps(self.events).decode()))
         cur.execute("COMMIT")
         self.seq += len(self.events)
         self.inserts, self.grants, self.deletes, self.touches, self.events = [], [], [], [], []

@@ -121,10 +121,15 @@ class CallConnection(asyncio.Protocol, Generic[C]):
                 self.framing_error(exc)
                 return
             if len(calls) == 1 and not self.decoder.pending:
-                self._begin(calls[0])
-            else:
-                self.queue.extend(calls)
-                self._answer_queued()
+                if self.start(calls[0]):  # _begin, inline
+                    self._waiting = True
+                # nothing queued or held, the peer reads: reading goes on (_flow has
+                # nothing to change unless we had paused)
+                if self._paused:
+                    self._flow()
+                return
+            self.queue.extend(calls)
+            self._answer_queued()
         self._flow()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -77,15 +77,13 @@ from lockd.groupcommit import Done, T
 from lockd.groupcommit import GroupCommit as GroupCommit  # importable from here too, as before
 from lockd.journal import (
     Journal,
-    delete_lease,
     delete_owner,
-    insert_lease,
+    end_writes,
+    grant_writes,
     lease_event,
     owner_event,
-    put_grant,
     put_lockspace,
     set_lease_state,
-    touch_grant,
 )
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
@@ -102,21 +100,21 @@ LOST_EARLIER = "lost before lockd last started; its event is no longer in the hi
 
 
 def _log_lease(template: str, lease: Lease, event: str) -> None:
-    # DEBUG: one record per grant would cost more than the grant; journald's fields make
-    # `journalctl LOCKD_RESOURCE=/path` work when the level is raised
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(
-            template,
-            lease.mode,
-            lease.resource,
-            lease.token,
-            extra={
-                "LOCKD_RESOURCE": lease.resource,
-                "LOCKD_OWNER": lease.owner.uuid,
-                "LOCKD_TOKEN": lease.token,
-                "LOCKD_EVENT": event,
-            },
-        )
+    # DEBUG (the caller checks the level: a call less per request): one record per grant
+    # would cost more than the grant; journald's fields make `journalctl
+    # LOCKD_RESOURCE=/path` work when the level is raised
+    log.debug(
+        template,
+        lease.mode,
+        lease.resource,
+        lease.token,
+        extra={
+            "LOCKD_RESOURCE": lease.resource,
+            "LOCKD_OWNER": lease.owner.uuid,
+            "LOCKD_TOKEN": lease.token,
+            "LOCKD_EVENT": event,
+        },
+    )
 
 
 def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
@@ -330,27 +328,19 @@ class LockService(Owners):
             path = self.lockspaces.lease_path(ls, resource, rkey)
         elif path == resource:
             path = resource
-        lease = Lease(
-            owner=owner,
-            lockspace=ls,
-            rkey=rkey,
-            resource=resource,
-            path=path,
-            mode=mode,
-            token=new_token,
-            acquired_at=time.time(),
-            fdname=self.fdnames.take(),
-            state=State.ACQUIRING,
-            fd=locked.fd,
-        )
+        # positional (owner, lockspace, rkey, resource, path, mode, token, acquired_at,
+        # fdname, state, fd): keywords cost a look-up each, on every grant
+        lease = Lease(owner, ls, rkey, resource, path, mode, new_token, time.time(),
+                      self.fdnames.take(), State.ACQUIRING, locked.fd)  # fmt: skip
         lease.settled = self.in_flight
         self.table.add(lease)
-        try:
-            self.fdstore.add(lease.fdname, locked.fd)
-        except OSError as exc:  # not parked in the fd store: nothing was granted
-            self._acquired(lease, exc)
+        if self.fdstore.enabled:
+            try:
+                self.fdstore.add(lease.fdname, locked.fd)
+            except OSError as exc:  # not parked in the fd store: nothing was granted
+                self._acquired(lease, exc)
         self.commit.add(
-            (insert_lease(lease), put_grant(lease), lease_event("acquire", lease)),
+            grant_writes(lease),
             self._acquired,
             lease,
             done,
@@ -369,9 +359,13 @@ class LockService(Owners):
                 ) from None
             raise error
         lease.apply(Event.COMMITTED)
-        self._settle(lease)
+        if lease.settled is self.in_flight:  # nobody waits for it (the usual case)
+            lease.settled = None
+        else:
+            self._settle(lease)
         self.counters.grants += 1
-        _log_lease("acquired %s %s token %d", lease, "acquire")
+        if log.isEnabledFor(logging.DEBUG):
+            _log_lease("acquired %s %s token %d", lease, "acquire")
         failpoint.hit("acquire.after-commit")
         return lease
 
@@ -443,7 +437,7 @@ class LockService(Owners):
         lease.settled = self.in_flight
         failpoint.hit("release.before-commit")
         self.commit.add(
-            (delete_lease(lease.token), touch_grant(lease), lease_event(event, lease, reason)),
+            end_writes(lease, event, reason),
             self._released,
             (lease, event, reason),
             done,
@@ -467,8 +461,12 @@ class LockService(Owners):
         failpoint.hit("release.after-commit")
         self._drop(lease)
         failpoint.hit("release.after-close")
-        self._settle(lease)
-        _log_lease("released %s %s token %d", lease, event)
+        if lease.settled is self.in_flight:  # nobody waits for it (the usual case)
+            lease.settled = None
+        else:
+            self._settle(lease)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_lease("released %s %s token %d", lease, event)
         if event != "release":
             self.publish(lease.owner, lease.as_event(event, reason, time.time()))
         return released_wire(lease)
@@ -629,7 +627,8 @@ class LockService(Owners):
     def _drop(self, lease: Lease) -> None:
         """After the release is journaled: FDSTOREREMOVE, unlock, close, forget."""
         if lease.fd is not None:
-            self.fdstore.remove(lease.fdname)
+            if self.fdstore.enabled:
+                self.fdstore.remove(lease.fdname)
             ofd.unlock_and_close(lease.fd)
             lease.fd = None
         self.table.remove(lease)

@@ -168,10 +168,9 @@ def call_fields(msg: dict[str, Any]) -> tuple[str, dict[str, Any], bool, bool]:
 
 
 def encode_reply(parameters: dict[str, Any], continues: bool = False) -> bytes:
-    msg: dict[str, Any] = {"parameters": parameters}
     if continues:
-        msg["continues"] = True
-    return dumps(msg)
+        return orjson.dumps({"parameters": parameters, "continues": True}) + b"\0"
+    return orjson.dumps({"parameters": parameters}) + b"\0"  # dumps, inline (every reply)
 
 
 def encode_error(err: LockdError) -> bytes:
