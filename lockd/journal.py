@@ -68,11 +68,7 @@ _INSERT_LEASE = (
     " acquired_at, fdname) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE_LEASE = "DELETE FROM leases WHERE token = ?"
-_PUT_GRANT = (
-    "INSERT OR REPLACE INTO grants (lockspace, rkey, owner, token, mode, resource, at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_TOUCH_GRANT = "UPDATE grants SET at = ? WHERE lockspace = ? AND rkey = ? AND owner = ?"
+# (the grants table follows the leases table by triggers: schema/007_grant_triggers.sql)
 # Not SQL: a history event, packed with the rest of its batch into one history row
 EVENT = "history event"
 # an event's fields, in the order of its JSON array
@@ -82,40 +78,40 @@ EVENT_FIELDS = ("event", "lockspace", "resource", "owner", "pid", "token", "mode
 # its adapter look-up for bytes (~3k instructions per commit, bench.instructions)
 _INSERT_HISTORY = "INSERT INTO history (seq, at, events) VALUES (?, ?, ?)"
 # The hot path's statements, which a group commit may regroup (see groupcommit.GroupCommit)
-REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, _PUT_GRANT, _TOUCH_GRANT, EVENT)
+REGROUPED = (_INSERT_LEASE, _DELETE_LEASE, EVENT)
 _PUT_OWNER = (
     "INSERT OR REPLACE INTO owners (uuid, name, pid, start_time, boot_id, uid, fence,"
     " registered_at, domain_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def grant_writes(lease: Lease) -> tuple[Write, Write, Write]:
-    """A new lease's writes: its row (held: a lease becomes lost only by set_lease_state),
-    the owner's newest grant on the resource (for hand-offs and repeated Releases), and its
-    "acquire" event. One function for the three: it runs on every grant."""
+def grant_writes(lease: Lease) -> tuple[Write, Write]:
+    """A new lease's writes: its row (held: a lease becomes lost only by set_lease_state;
+    a trigger writes the owner's newest grant on the resource from it, for hand-offs and
+    repeated Releases) and its "acquire" event. One function for both: every grant."""
     owner = lease.owner
-    uuid, ls, rkey, token, mode, resource, at = (
-        owner.uuid, lease.lockspace, lease.rkey, lease.token, lease.mode, lease.resource,
-        lease.acquired_at,
-    )  # fmt: skip
+    uuid, ls, token, mode, resource = (
+        owner.uuid,
+        lease.lockspace,
+        lease.token,
+        lease.mode,
+        lease.resource,
+    )
     return (
-        (_INSERT_LEASE, (token, uuid, ls, rkey, resource, lease.path, mode, "held", at,
-                         lease.fdname)),
-        (_PUT_GRANT, (ls, rkey, uuid, token, mode, resource, at)),
+        (_INSERT_LEASE, (token, uuid, ls, lease.rkey, resource, lease.path, mode, "held",
+                         lease.acquired_at, lease.fdname)),
         (EVENT, ("acquire", ls, resource, uuid, owner.pid, token, mode, None)),
     )  # fmt: skip
 
 
-def end_writes(lease: Lease, event: str, reason: str | None) -> tuple[Write, Write, Write]:
-    """The end of a lease (``event``: release, force-release): its row deleted, its grant
-    row touched (kept as long as that end is in history), and the event."""
+def end_writes(lease: Lease, event: str, reason: str | None) -> tuple[Write, Write]:
+    """The end of a lease (``event``: release, force-release): its row deleted (a trigger
+    touches its grant row, kept as long as that end is in history), and the event."""
     owner = lease.owner
-    ls = lease.lockspace
     return (
         (_DELETE_LEASE, (lease.token,)),
-        (_TOUCH_GRANT, (time.time(), ls, lease.rkey, owner.uuid)),
-        (EVENT, (event, ls, lease.resource, owner.uuid, owner.pid, lease.token, lease.mode,
-                 reason)),
+        (EVENT, (event, lease.lockspace, lease.resource, owner.uuid, owner.pid, lease.token,
+                 lease.mode, reason)),
     )  # fmt: skip
 
 

@@ -251,8 +251,7 @@ class LockService(Owners):
         granted request, else ``done(lease, None)`` is called once its grant is journaled
         (``done(None, exc)`` if it failed) and None returned."""
         # ``mode`` is one of MODES: the server checks it with the other parameters
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         exclusive = mode == "exclusive"
         check = None
         if not peer.root and ls == DIRECT:
@@ -404,8 +403,7 @@ class LockService(Owners):
         returned at once for a repeat (the journal's last release of it, unless ``repeat``
         is False: then NotHeld), else ``done(reply, None)`` is called once the release is
         journaled and the lock dropped."""
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         lease, rkey = self._find(owner, ls, resource)
         if lease is None:
             last = self.journal.last_release(owner.uuid, ls, rkey) if rkey and repeat else None
@@ -489,8 +487,7 @@ class LockService(Owners):
     async def force_release(
         self, lockspace: str | None, resource: str, owner: str | None
     ) -> list[dict[str, Any]]:
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         rkey = self.lockspaces.key(ls, resource)
         found = self.table.holders(ls, rkey) if rkey else []
         if not found:
@@ -514,14 +511,12 @@ class LockService(Owners):
     def held_by(self, owner: Owner, lockspace: str | None, resource: str) -> Lease | None:
         """The owner's lease on the resource (by file identity, or by the name it was taken
         with if the file is gone), or None."""
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         return self._find(owner, ls, resource)[0]
 
     def holders(self, lockspace: str | None, resource: str) -> list[Lease]:
         """Every lease on the resource, whoever holds it."""
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         rkey = self.lockspaces.key(ls, resource)
         if rkey is not None:
             return self.table.holders(ls, rkey)
