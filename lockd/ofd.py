@@ -30,7 +30,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lockd.errors import (
     InvalidResource,
@@ -64,8 +64,10 @@ _RD = _flock(fcntl.F_RDLCK)
 _UN = _flock(fcntl.F_UNLCK)
 
 
-@dataclass(frozen=True, slots=True)
-class Locked:
+class Locked(NamedTuple):
+    """A lock taken: its fd and the file's identity. A named tuple, not a frozen dataclass
+    (whose ``__init__`` pays an ``object.__setattr__`` call per field): one per grant."""
+
     fd: int
     dev: int
     ino: int
