@@ -37,6 +37,20 @@ Then = Callable[[Any, JournalError | None], Any]
 Done = Callable[[Any, BaseException | None], None]
 
 
+def resolving(fut: asyncio.Future[Any]) -> Done:
+    """A ``done`` that resolves ``fut`` with the answer (or its exception), unless it was
+    cancelled meanwhile (its caller went away): how a caller that awaits waits."""
+
+    def done(answer: Any, failure: BaseException | None) -> None:
+        if not fut.done():
+            if failure is None:
+                fut.set_result(answer)
+            else:
+                fut.set_exception(failure)
+
+    return done
+
+
 def _no_step(arg: Any, error: JournalError | None) -> Any:
     if error is not None:
         raise error
@@ -94,15 +108,7 @@ class GroupCommit:
         """:meth:`add` for a caller that awaits: the future resolves once the writes are
         journaled, or raises the JournalError that rolled them back."""
         fut: asyncio.Future[None] = self.loop.create_future()
-
-        def done(answer: Any, failure: BaseException | None) -> None:
-            if not fut.done():  # cancelled: the caller went away (shutdown)
-                if failure is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(failure)
-
-        self.add(writes, _no_step, None, done)
+        self.add(writes, _no_step, None, resolving(fut))
         return fut
 
     def flush(self) -> None:

@@ -2,7 +2,8 @@
 
 Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases
 keyed by token, a meta key/value table) that recovery reads whole; ``grants``, each owner's
-newest grant per resource (which answers a resource's last token and a repeated Release);
+newest grant per resource (which answers a resource's last token and a repeated Release),
+written by triggers on ``leases`` (migration 007: a grant costs no statement of its own);
 and an append-only ``history``, pruned to a retention limit so that neither the file nor
 recovery grows with the operations ever done.
 

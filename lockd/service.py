@@ -73,7 +73,7 @@ from lockd.errors import (
     ResourceBusy,
     TokenMismatch,
 )
-from lockd.groupcommit import Done, T
+from lockd.groupcommit import Done, T, resolving
 from lockd.groupcommit import GroupCommit as GroupCommit  # importable from here too, as before
 from lockd.journal import (
     Journal,
@@ -663,15 +663,7 @@ class LockService(Owners):
     async def _wait(self, nowait: Callable[..., T | None], *args: Any) -> T:
         """Await a ``*_nowait`` call's answer (for callers that await)."""
         fut: asyncio.Future[T] = self.loop.create_future()
-
-        def done(answer: Any, failure: BaseException | None) -> None:
-            if not fut.done():
-                if failure is None:
-                    fut.set_result(answer)
-                else:
-                    fut.set_exception(failure)
-
-        answer = nowait(*args, done)
+        answer = nowait(*args, resolving(fut))
         if answer is not None:
             return answer
         return await fut
