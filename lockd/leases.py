@@ -293,7 +293,6 @@ _SHORTER: list[int] = [0, 0] + [
 ]
 
 
-@functools.lru_cache(maxsize=4096)  # every release gives its name back: the same few recur
 def fdname_index(name: str) -> int | None:
     if not name or len(name) >= len(_SHORTER):
         return None
