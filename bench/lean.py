@@ -7,9 +7,10 @@ steps as it can: the same syscalls (``stat``, ``open``, ``fstat``, ``fcntl``, ``
 on a grant through :mod:`lockd.ofd`; ``fcntl``, ``close`` on a release), the same SQLite
 journal (:class:`lockd.journal.Journal`, its schema, pragmas and statements: a lease row, a
 grant row and a packed history row per group commit, a release deleting the lease and
-touching its grant), every grant and release committed before its reply, one commit per
-loop iteration. It has no lease state machine, no fd store names, no owner checks beyond a
-dictionary, no Watch, failpoints, counters or logs, no error beyond "busy" and "not found".
+touching its grant; the grant rows by the journal's triggers, as for lockd), every grant
+and release committed before its reply, one commit per loop iteration. It has no lease
+state machine, no fd store names, no owner checks beyond a dictionary, no Watch,
+failpoints, counters or logs, no error beyond "busy" and "not found".
 
 What it is for: the ratio lockd ÷ lean is the cost of lockd's layers (codec, service, group
 commit, state machine) around the work; lean ÷ do-nothing is the cost of the work itself.
@@ -49,9 +50,7 @@ class Lean:
         self.token = 0
         self.seq = self.journal.next_seq
         self.inserts: list[tuple[Any, ...]] = []
-        self.grants: list[tuple[Any, ...]] = []
         self.deletes: list[tuple[Any, ...]] = []
-        self.touches: list[tuple[Any, ...]] = []
         self.events: list[tuple[Any, ...]] = []
         # after the commit: (transport, reply, fd to unlock and close or -1)
         self.replies: list[tuple[asyncio.Transport, bytes, int]] = []
@@ -64,14 +63,12 @@ class Lean:
         cur.execute("BEGIN")
         if self.inserts:
             cur.executemany(jn._INSERT_LEASE, self.inserts)
-            cur.executemany(jn._PUT_GRANT, self.grants)
         if self.deletes:
             cur.executemany(jn._DELETE_LEASE, self.deletes)
-            cur.executemany(jn._TOUCH_GRANT, self.touches)
-        cur.execute(jn._INSERT_HISTORY, (self.seq, time.time(), orjson.dumps(self.events)))
+        cur.execute(jn._INSERT_HISTORY, (self.seq, time.time(), orjson.dumps(self.events).decode()))
         cur.execute("COMMIT")
         self.seq += len(self.events)
-        self.inserts, self.grants, self.deletes, self.touches, self.events = [], [], [], [], []
+        self.inserts, self.deletes, self.events = [], [], []
         replies, self.replies = self.replies, []
         for transport, reply, fd in replies:
             if fd >= 0:
@@ -101,7 +98,6 @@ class Lean:
         self.inserts.append(
             (token, owner, "", rkey, resource, path, "exclusive", "held", now, "lease-0")
         )
-        self.grants.append(("", rkey, owner, token, "exclusive", resource, now))
         self.events.append(("acquire", "", resource, owner, o["pid"], token, "exclusive", None))
         lease = {"lockspace": "", "resource": resource, "path": path, "mode": "exclusive"}
         lease |= {"owner": o, "token": token, "state": "held", "acquired_at": now}
@@ -115,7 +111,6 @@ class Lean:
         fd, token, rkey, _ = lease
         o = self.owners[owner]
         self.deletes.append((token,))
-        self.touches.append((time.time(), "", rkey, owner))
         self.events.append(("release", "", resource, owner, o["pid"], token, "exclusive", None))
         done = {"lockspace": "", "resource": resource, "mode": "exclusive", "owner": o}
         self.later(t, {"lease": done | {"token": token, "state": "released"}}, fd)

@@ -9,13 +9,14 @@ answer is (:meth:`CallConnection.finish`); this class does the rest:
 
 - a call that needs no wait (a refusal, an idempotent repeat, an administrative query) is
   answered at once, and the next one is started;
-- a call that waits gets a future (the service's ``acquire_nowait``/``release_nowait``, or a
-  task for a call that awaits more than the journal): the reply leaves inside the group
-  commit's flush, right after that request's own post-commit step
-  (``GroupCommit.call_after_commit``), or from a done callback for a task; nothing else on
-  this connection starts until it is answered, so replies leave in call order (Varlink
-  requires it; libvirt's client waits for each reply anyway) while the calls of different
-  connections interleave and share group commits;
+- a call that waits (the service's ``acquire_nowait``/``release_nowait``, or a task for a
+  call that awaits more than the journal: :meth:`CallConnection.run`) is answered through
+  :meth:`CallConnection.answered`, which the service calls inside the group commit's flush,
+  right after that request's own post-commit step (no future: the service takes
+  ``answered`` as its ``done``), or a task's done callback; nothing else on this connection
+  starts until it is answered, so replies leave in call order (Varlink requires it;
+  libvirt's client waits for each reply anyway) while the calls of different connections
+  interleave and share group commits;
 - after MAX_QUEUED_CALLS calls answered in one go (calls that need no wait), the other
   connections get a turn first (``call_soon``), as a task's ``sleep(0)`` used to give: a peer
   pipelining thousands of them cannot hold the event loop;
@@ -37,11 +38,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from lockd.errors import ProtocolError
-from lockd.groupcommit import GroupCommit
 from lockd.process import Peer
 
 MAX_QUEUED_CALLS = 64
@@ -66,13 +66,11 @@ class CallConnection(asyncio.Protocol, Generic[C]):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        commit: GroupCommit,
         decoder: CallDecoder[C],
         max_pending: int,
         connections: set[Any],
     ) -> None:
         self.loop = loop
-        self.commit = commit
         self.decoder = decoder
         self.max_pending = max_pending  # bytes of an unfinished message, at most
         self.connections = connections  # the listener's, this one included while open
@@ -85,15 +83,17 @@ class CallConnection(asyncio.Protocol, Generic[C]):
         self._peer_behind = False
         self._paused = False  # whether we paused reading
         self._yielded = False  # a turn given to the other connections (see _answer_queued)
+        # the service's ``done`` for this connection's calls, bound once (not per call)
+        self.answered: Callable[[Any, BaseException | None], None] = self._answered
 
     # -- what each protocol defines ----------------------------------------------------------
-    def start(self, call: C) -> asyncio.Future[Any] | None:
-        """Run a call: answer it now and return None, or return the future its answer waits
-        for (keeping whatever :meth:`finish` needs to shape the answer)."""
+    def start(self, call: C) -> bool:
+        """Run a call: answer it now and return False, or return True when its answer comes
+        later, to :attr:`answered` (keeping whatever :meth:`finish` needs to shape it)."""
         raise NotImplementedError
 
-    def finish(self, fut: asyncio.Future[Any]) -> None:
-        """Answer the call :meth:`start` left waiting, from its future (done, not cancelled)."""
+    def finish(self, answer: Any, failure: BaseException | None) -> None:
+        """Answer the call :meth:`start` left waiting: its answer, or the exception."""
         raise NotImplementedError
 
     def framing_error(self, exc: ProtocolError) -> None:
@@ -121,10 +121,15 @@ class CallConnection(asyncio.Protocol, Generic[C]):
                 self.framing_error(exc)
                 return
             if len(calls) == 1 and not self.decoder.pending:
-                self._begin(calls[0])
-            else:
-                self.queue.extend(calls)
-                self._answer_queued()
+                if self.start(calls[0]):  # _begin, inline
+                    self._waiting = True
+                # nothing queued or held, the peer reads: reading goes on (_flow has
+                # nothing to change unless we had paused)
+                if self._paused:
+                    self._flow()
+                return
+            self.queue.extend(calls)
+            self._answer_queued()
         self._flow()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -147,6 +152,19 @@ class CallConnection(asyncio.Protocol, Generic[C]):
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> bool:
+        """Answer a call from a task (it awaits more than the journal); :meth:`start`
+        returns what this returns (True: the answer comes later)."""
+        self.loop.create_task(coro).add_done_callback(self._task_done)
+        return True
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():  # only at shutdown: nothing to answer
+            self._waiting = False
+            return
+        failure = task.exception()
+        self._answered(None if failure is not None else task.result(), failure)
 
     # -- internals ----------------------------------------------------------------------------
     def _decode(self, data: bytes) -> None:
@@ -205,27 +223,18 @@ class CallConnection(asyncio.Protocol, Generic[C]):
             self._begin(queue.popleft())
 
     def _begin(self, call: C) -> None:
-        """Start a call: answered at once, or ``_waiting`` for its future's answer."""
-        fut = self.start(call)
-        if fut is None:
-            return
-        if fut.done():  # a repeat, answered from what is known (never cancelled)
-            self.finish(fut)
-            return
-        self._waiting = True
-        # reply in the loop iteration of the commit when the answer waits for one
-        if not self.commit.call_after_commit(fut, self._answered):
-            fut.add_done_callback(self._answered)
+        """Start a call: answered at once, or ``_waiting`` for its answer (:attr:`answered`)."""
+        if self.start(call):
+            self._waiting = True
 
     def _resume(self) -> None:
         self._yielded = False
         self._answer_queued()
         self._flow()
 
-    def _answered(self, fut: asyncio.Future[Any]) -> None:
+    def _answered(self, answer: Any, failure: BaseException | None) -> None:
         self._waiting = False
-        if not fut.cancelled():  # cancelled: only at shutdown
-            self.finish(fut)
+        self.finish(answer, failure)
         # Usually nothing more is queued and reading goes on: then neither step has work
         # (answering cannot fill the queue; a full write buffer calls pause_writing itself).
         if self.queue or self.decoder.pending:

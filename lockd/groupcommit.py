@@ -1,12 +1,15 @@
 """Group commit: the journal writes of requests that arrive together, in one transaction.
 
-Theory of operation: every request queues its writes with :meth:`GroupCommit.submit` and
-gets a future. The first submit of a batch schedules :meth:`GroupCommit.flush` with
-``call_soon``, so the flush runs after every request that arrived in the same loop iteration
-has queued its writes: one transaction, one ``COMMIT`` (DESIGN §4: nothing is replied before
-its commit). Then, in submission order, each request's post-commit step (``then``) runs and
-its future resolves; a front end that registered with :meth:`~GroupCommit.call_after_commit`
-answers right there, in the iteration of the commit.
+Theory of operation: every request queues its writes with :meth:`GroupCommit.add`, with its
+post-commit step and the function that gets its answer. The first request of a batch
+schedules :meth:`GroupCommit.flush` with ``call_soon``, so the flush runs after every request
+that arrived in the same loop iteration has queued its writes: one transaction, one
+``COMMIT`` (DESIGN §4: nothing is replied before its commit). Then, in submission order,
+each request's post-commit step runs (``then(arg, error)``: settle the lease, drop a released
+lock) and its answer goes to ``done(answer, failure)``: a front end's reply leaves right
+there, in the iteration of the commit. No future, no task per request: the only wait is the
+commit. Callers that await (owner death, registration, a lockspace) use :meth:`submit`, whose
+future is resolved the same way.
 
 The token sequence lives here too: tokens are allocated in memory (:meth:`next_token`) and
 the batch that grants one stores a bound a block ahead (``meta.last_token``), so a token that
@@ -27,8 +30,31 @@ log = logging.getLogger("lockd")
 
 TOKEN_BLOCK = 1024
 T = TypeVar("T")
-# what follows a commit: called with None, or with the JournalError that rolled it back
-Then = Callable[[JournalError | None], T]
+# a request's step after the commit: then(arg, error) -> its answer (error: the JournalError
+# that rolled the commit back, or None); it may raise the request's refusal
+Then = Callable[[Any, JournalError | None], Any]
+# who gets the answer: done(answer, None), or done(None, the exception)
+Done = Callable[[Any, BaseException | None], None]
+
+
+def resolving(fut: asyncio.Future[Any]) -> Done:
+    """A ``done`` that resolves ``fut`` with the answer (or its exception), unless it was
+    cancelled meanwhile (its caller went away): how a caller that awaits waits."""
+
+    def done(answer: Any, failure: BaseException | None) -> None:
+        if not fut.done():
+            if failure is None:
+                fut.set_result(answer)
+            else:
+                fut.set_exception(failure)
+
+    return done
+
+
+def _no_step(arg: Any, error: JournalError | None) -> Any:
+    if error is not None:
+        raise error
+    return arg
 
 
 class GroupCommit:
@@ -50,10 +76,8 @@ class GroupCommit:
         self._writes: list[Write] = []  # in submission order
         # the hot path's statements: their parameters, each statement's in submission order
         self._runs: dict[str, list[tuple[Any, ...]]] = {sql: [] for sql in REGROUPED}
-        # the batch's futures, in submission order, with their post-commit steps
-        self._waiters: dict[asyncio.Future[Any], Then[Any] | None] = {}
-        # what to call as soon as one of them is resolved (see call_after_commit)
-        self._after: dict[asyncio.Future[Any], Callable[[asyncio.Future[Any]], None]] = {}
+        # the batch's requests, in submission order: (then, arg, done)
+        self._steps: list[tuple[Then, Any, Done]] = []
         self._scheduled = False
         # the token sequence: allocated in memory, stored by the batch that grants it
         self.last_token = 0
@@ -63,13 +87,11 @@ class GroupCommit:
         self.last_token += 1
         return self.last_token
 
-    def submit(self, *writes: Write, then: Then[T] | None = None) -> asyncio.Future[T]:
-        """Queue writes for the next commit. The future resolves once they are journaled
-        (or raises the JournalError that rolled them back); with ``then``, to what
-        ``then(error)`` returns or raises, called right after the commit in submission
-        order: the step that must follow a commit runs before any reply is sent, without a
-        task to wake up."""
-        fut: asyncio.Future[T] = self.loop.create_future()
+    def add(self, writes: tuple[Write, ...], then: Then, arg: Any, done: Done) -> None:
+        """Queue writes for the next commit; after it, ``done(then(arg, error), None)`` in
+        submission order (or ``done(None, exc)`` if ``then`` raised ``exc``). ``then`` runs
+        even when nobody waits for the answer any more: it settles a lease that other
+        requests may be waiting for."""
         runs = self._runs
         for sql, params in writes:
             run = runs.get(sql)
@@ -77,30 +99,22 @@ class GroupCommit:
                 self._writes.append((sql, params))
             else:
                 run.append(params)
-        self._waiters[fut] = then
+        self._steps.append((then, arg, done))
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.flush)
+
+    def submit(self, *writes: Write) -> asyncio.Future[None]:
+        """:meth:`add` for a caller that awaits: the future resolves once the writes are
+        journaled, or raises the JournalError that rolled them back."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.add(writes, _no_step, None, resolving(fut))
         return fut
 
-    def call_after_commit(
-        self, fut: asyncio.Future[T], fn: Callable[[asyncio.Future[T]], None]
-    ) -> bool:
-        """Have ``fn(fut)`` called as soon as the flush has resolved ``fut`` (a future from
-        :meth:`submit` not flushed yet): in the flush itself, right after that request's own
-        step and before the next request's. A done callback would run one loop iteration
-        later; this is how a front end sends its reply in the iteration of the commit.
-        False if ``fut`` is not waiting for a flush (a task, a resolved future): then use
-        ``fut.add_done_callback``."""
-        if fut not in self._waiters:
-            return False
-        self._after[fut] = fn
-        return True
-
     def flush(self) -> None:
-        writes, waiters, after = self._writes, self._waiters, self._after
-        self._writes, self._waiters, self._after, self._scheduled = [], {}, {}, False
-        if not waiters:
+        writes, steps = self._writes, self._steps
+        self._writes, self._steps, self._scheduled = [], [], False
+        if not steps:
             return
         token = self.last_token
         reserve = self._stored_token
@@ -121,28 +135,18 @@ class GroupCommit:
             self._stored_token = reserve
         finally:
             for run in runs.values():
-                run.clear()
-        for fut, then in waiters.items():
-            # the request's step after the commit, then its future resolved with the answer;
-            # the step runs even when nobody waits for the answer any more (a cancelled
-            # future): it settles a lease that other requests may be waiting for
-            answer: Any = None
-            failure: Exception | None = error
-            if then is not None:
-                try:
-                    answer, failure = then(error), None
-                except Exception as exc:  # the request's refusal (or a bug: an internal error)
-                    failure = exc
-            if not fut.done():
-                if failure is None:
-                    fut.set_result(answer)
-                else:
-                    fut.set_exception(failure)
-            fn = after.get(fut)
-            if fn is not None:
-                try:
-                    fn(fut)
-                except Exception as exc:  # the caller's bug; the other requests go on
-                    self.loop.call_exception_handler(
-                        {"message": "error after a commit", "exception": exc, "future": fut}
-                    )
+                if run:
+                    run.clear()
+        for then, arg, done in steps:
+            # the request's step after the commit, then its answer to whoever waits for it
+            failure: Exception | None = None
+            try:
+                answer = then(arg, error)
+            except Exception as exc:  # the request's refusal (or a bug: an internal error)
+                answer, failure = None, exc
+            try:
+                done(answer, failure)
+            except Exception as exc:  # the caller's bug; the other requests go on
+                self.loop.call_exception_handler(
+                    {"message": "error after a commit", "exception": exc}
+                )

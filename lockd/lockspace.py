@@ -37,6 +37,8 @@ from lockd.errors import InvalidResource
 from lockd.ofd import Locked
 
 DIRECT = ""
+# what names the direct lockspace in a request (absent, empty, or its name)
+DIRECT_NAMES = (None, "", "direct")
 MAX_PATH = 4096  # PATH_MAX
 MAX_NAME = 255  # NAME_MAX
 
@@ -96,8 +98,18 @@ class Lockspaces:
     def remove_named(self, name: str) -> None:
         self.named.pop(name, None)
 
+    def resolve(self, lockspace: str | None, resource: str) -> str:
+        """:meth:`canonical` and :meth:`check` of a request in one call (every request
+        makes both; the direct lockspace, the usual one, without another call)."""
+        if lockspace in DIRECT_NAMES:
+            check_path(resource)
+            return DIRECT
+        ls = self.canonical(lockspace)
+        self.check(ls, resource)
+        return ls
+
     def canonical(self, lockspace: str | None) -> str:
-        if lockspace in (None, "", "direct"):
+        if lockspace in DIRECT_NAMES:
             return DIRECT
         assert lockspace is not None
         if lockspace not in self.indirect and lockspace not in self.named:

@@ -30,7 +30,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lockd.errors import (
     InvalidResource,
@@ -64,16 +64,20 @@ _RD = _flock(fcntl.F_RDLCK)
 _UN = _flock(fcntl.F_UNLCK)
 
 
-@dataclass(frozen=True, slots=True)
-class Locked:
+class Locked(NamedTuple):
+    """A lock taken: its fd and the file's identity. A named tuple, not a frozen dataclass
+    (whose ``__init__`` pays an ``object.__setattr__`` call per field): one per grant."""
+
     fd: int
     dev: int
     ino: int
 
 
-def _lockable(mode: int) -> bool:
-    # Disk images are regular files or block devices (LVM volumes, multipath maps).
-    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+# Disk images are regular files or block devices (LVM volumes, multipath maps): the file
+# types (S_IFMT of st_mode) a lease may lock. A set looked up inline, not a function: it is
+# checked twice on every grant.
+_LOCKABLE = frozenset((stat.S_IFREG, stat.S_IFBLK))
+_S_IFMT = stat.S_IFMT
 
 
 # InvalidResource's reason for an errno of open(2); a front end that must report the errno
@@ -121,14 +125,19 @@ def _set(fd: int, exclusive: bool, resource: str) -> None:
     try:
         fcntl.fcntl(fd, F_OFD_SETLK, _WR if exclusive else _RD)
     except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise ResourceBusy(
-                f"{resource} is locked by another holder",
-                lockspace="",
-                resource=resource,
-                mode="exclusive" if exclusive else "shared",
-            ) from None
-        raise
+        raise _refused(exc, exclusive, resource) from None
+
+
+def _refused(exc: OSError, exclusive: bool, resource: str) -> Exception:
+    """What a failed F_OFD_SETLK means: the byte is held (ResourceBusy), or another error."""
+    if exc.errno in (errno.EAGAIN, errno.EACCES):
+        return ResourceBusy(
+            f"{resource} is locked by another holder",
+            lockspace="",
+            resource=resource,
+            mode="exclusive" if exclusive else "shared",
+        )
+    return exc
 
 
 def lock_existing(
@@ -149,7 +158,7 @@ def lock_existing(
         st = seen if seen is not None else os.stat(path)
     except OSError as exc:
         raise _os_error(exc, path) from None
-    if not _lockable(st.st_mode):
+    if _S_IFMT(st.st_mode) not in _LOCKABLE:
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file or block device"
         raise InvalidResource(f"{path}: {kind}", resource=path, reason=kind)
     try:
@@ -158,7 +167,7 @@ def lock_existing(
         raise _os_error(exc, path) from None
     try:
         st = os.fstat(fd)
-        if not _lockable(st.st_mode):
+        if _S_IFMT(st.st_mode) not in _LOCKABLE:
             raise InvalidResource(
                 f"{path}: replaced by something that is not a file while opening",
                 resource=path,
@@ -170,7 +179,10 @@ def lock_existing(
             )
         if check is not None:
             check(st)  # on the file actually opened: the path may have been swapped since
-        _set(fd, exclusive, path)
+        try:  # _set, inline (every grant)
+            fcntl.fcntl(fd, F_OFD_SETLK, _WR if exclusive else _RD)
+        except OSError as exc:
+            raise _refused(exc, exclusive, path) from None
     except BaseException as exc:
         _close_quietly(fd)
         named = _named(exc, path)
@@ -244,14 +256,11 @@ def real_path(fd: int) -> str | None:
             try:
                 _proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:  # out of fds (EMFILE) this once: the long way
-                return _deleted_or(os.readlink(f"/proc/self/fd/{fd}"))
-        path = os.readlink(str(fd), dir_fd=_proc_fd)
+                path = os.readlink(f"/proc/self/fd/{fd}")
+        if _proc_fd is not None:
+            path = os.readlink(str(fd), dir_fd=_proc_fd)
     except OSError:
         return None
-    return _deleted_or(path)
-
-
-def _deleted_or(path: str) -> str | None:
     return None if path.endswith(" (deleted)") else path
 
 

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 
@@ -84,6 +84,11 @@ class Peer:
     pid: int
     uid: int
     gids: frozenset[int]
+    # uid 0: a field, not a property (read on every Acquire: a property is a Python call)
+    root: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", self.uid == 0)  # frozen
 
     @classmethod
     def of_socket(cls, sock: socket.socket) -> Peer:
@@ -91,10 +96,6 @@ class Peer:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         return cls(pid, uid, frozenset({gid, *_supplementary_groups(pid)}))
-
-    @property
-    def root(self) -> bool:
-        return self.uid == 0
 
     def may_search(self, path: str) -> bool:
         """Whether the peer could reach ``path``: search (x) permission on every directory

@@ -5,8 +5,9 @@ Theory of operation: each accepted connection is a :class:`~lockd.connection.Cal
 ``data_received``, the reply of a journaled request sent inside its commit, flow control)
 whose calls come out of the sans-IO :class:`~lockd.varlink.Decoder`. Replies leave in call
 order as Varlink requires, while calls of different connections interleave (and share group
-commits). A handler answers with the reply, a :class:`Pending` (Acquire and Release: the
-service's future, no task), or a coroutine (run as a task: it awaits more than the journal).
+commits). A handler answers with the reply (a dict), None (Acquire and Release waiting for
+their commit: the service calls the connection's ``answered`` after it, no future, no
+task), or a coroutine (run as a task: it awaits more than the journal).
 
 Hostile or broken peers (DESIGN §8):
 - a framing error (not JSON, too big, too deep, no method) gets one ``io.lockd.ProtocolError``
@@ -33,7 +34,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, NamedTuple
+from typing import Any
 
 from lockd import __version__, metrics
 from lockd.config import Config
@@ -50,7 +51,7 @@ from lockd.errors import (
 from lockd.leases import WIRE_STATE, Lease, Owner, State
 from lockd.recovery import Report
 from lockd.service import MODES, LockService
-from lockd.varlink import Call, Decoder, Params, encode_error, encode_reply
+from lockd.varlink import Decoder, Params, call_fields, encode_error, encode_reply
 
 log = logging.getLogger("lockd")
 
@@ -64,16 +65,9 @@ def interface_description(name: str) -> str:
     return path.read_text()
 
 
-class Pending(NamedTuple):
-    """An answer that waits (for the journal, or a task): the reply is ``shape`` of the
-    future's result."""
-
-    future: asyncio.Future[Any]
-    shape: Callable[[Any], dict[str, Any]]
-
-
-# What a handler returns: the reply now, a reply to come, or a coroutine (run as a task)
-Answer = dict[str, Any] | Pending | Coroutine[Any, Any, dict[str, Any]]
+# What a handler returns: the reply now, None (the reply comes to Connection.answered, shaped
+# by Connection.shape), or a coroutine (run as a task)
+Answer = dict[str, Any] | None | Coroutine[Any, Any, dict[str, Any]]
 Handler = Callable[["Connection", Params], Answer]
 
 
@@ -94,15 +88,15 @@ class Connection(CallConnection[dict[str, Any]]):
 
     def __init__(self, server: Server, admin: bool) -> None:
         decoder = Decoder(server.config.max_message)
-        super().__init__(
-            server.loop, server.service.commit, decoder, decoder.max_message, server.connections
-        )
+        super().__init__(server.loop, decoder, decoder.max_message, server.connections)
         self.server = server
         self.admin = admin
         self.handlers = server.handlers(admin)
-        # the call being answered and the shape of its reply
-        self._call: Call | None = None
-        self._shape: Callable[[Any], dict[str, Any]] = _as_is
+        # the call being answered (its method, whether it is oneway) and the shape of its
+        # reply (set by a handler whose answer comes later)
+        self._method = ""
+        self._oneway = False
+        self.shape: Callable[[Any], dict[str, Any]] = _as_is
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -137,57 +131,50 @@ class Connection(CallConnection[dict[str, Any]]):
             self.transport.write(encode_error(exc))
             self.transport.close()
 
-    def start(self, msg: dict[str, Any]) -> asyncio.Future[Any] | None:
+    def start(self, msg: dict[str, Any]) -> bool:
         try:
-            call = Call.from_message(msg)
+            method, params, more, self._oneway = call_fields(msg)
         except ProtocolError as exc:
             self.framing_error(exc)
-            return None
+            return False
         except LockdError as exc:
             self.send(encode_error(exc))
-            return None
+            return False
+        self._method = method
         try:
-            handler = self.handlers.get(call.method)
+            handler = self.handlers.get(method)
             if handler is None:
-                raise MethodNotFound(method=call.method)
-            if not call.more and call.method.endswith(".Watch"):
+                raise MethodNotFound(method=method)
+            if not more and method.endswith(".Watch"):
                 raise InvalidParameter('Watch needs "more": true', parameter="more")
-            answer = handler(self, Params(call.parameters))
+            answer = handler(self, Params(params))
         except Exception as exc:
-            self._failed(call, exc)
-            return None
+            self._failed(exc)
+            return False
+        if answer is None:  # Acquire, Release: the service calls self.answered
+            return True
         if isinstance(answer, dict):
-            self._reply(call, answer)
-            return None
-        if isinstance(answer, Pending):
-            fut, self._shape = answer
-        else:  # a coroutine: it awaits more than the journal
-            fut, self._shape = self.loop.create_task(answer), _as_is
-        self._call = call
-        return fut
+            if not self._oneway:
+                self.send(encode_reply(answer))
+            return False
+        self.shape = _as_is  # a coroutine: it awaits more than the journal
+        return self.run(answer)
 
-    def finish(self, fut: asyncio.Future[Any]) -> None:
-        call = self._call
-        assert call is not None
-        self._call = None
-        error = fut.exception()
-        if error is not None:
-            self._failed(call, error)
-            return
-        try:
-            reply = self._shape(fut.result())
-        except Exception as exc:
-            self._failed(call, exc)
-            return
-        self._reply(call, reply)
+    def finish(self, answer: Any, failure: BaseException | None) -> None:
+        if failure is None:
+            try:
+                reply = self.shape(answer)
+            except Exception as exc:
+                failure = exc
+            else:
+                if not self._oneway:
+                    self.send(encode_reply(reply))
+                return
+        self._failed(failure)
 
-    def _reply(self, call: Call, reply: dict[str, Any]) -> None:
-        if not call.oneway:
-            self.send(encode_reply(reply))
-
-    def _failed(self, call: Call, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
         if isinstance(exc, LockdError):
-            if not call.oneway:
+            if not self._oneway:
                 self.send(encode_error(exc))
         elif isinstance(exc, MemoryError):
             os.abort()  # DESIGN §8: abort and let recovery bring the state back
@@ -197,8 +184,8 @@ class Connection(CallConnection[dict[str, Any]]):
                 encode_error(LimitExceeded("out of file descriptors", limit="open-files", value=0))
             )
         else:
-            log.error("internal error in %s", call.method, exc_info=exc)
-            self.send(encode_error(LockdError("internal error", method=call.method)))
+            log.error("internal error in %s", self._method, exc_info=exc)
+            self.send(encode_error(LockdError("internal error", method=self._method)))
 
 
 class Server(Listener):
@@ -291,7 +278,7 @@ class Server(Listener):
 
     # Acquire and Release: no coroutine, no task (the service's *_nowait paths); the reply
     # leaves when the journal commit that carries the request has returned.
-    def acquire(self, conn: Connection, p: Params) -> Pending:
+    def acquire(self, conn: Connection, p: Params) -> dict[str, Any] | None:
         # every parameter is checked before anything is looked up: a malformed call is an
         # InvalidParameter whatever else is wrong with it
         lockspace, resource = p.opt_string("lockspace", 64), p.string("resource")
@@ -299,15 +286,18 @@ class Server(Listener):
         if mode not in MODES:
             raise InvalidParameter("mode must be exclusive or shared", parameter="mode")
         owner = self._owner(conn, p)
-        return Pending(
-            self.service.acquire_nowait(owner, lockspace, resource, mode, token, conn.peer),
-            _lease_reply,
+        conn.shape = _lease_reply
+        lease = self.service.acquire_nowait(
+            owner, lockspace, resource, mode, token, conn.peer, conn.answered
         )
+        return None if lease is None else _lease_reply(lease)
 
-    def release(self, conn: Connection, p: Params) -> Pending:
+    def release(self, conn: Connection, p: Params) -> dict[str, Any] | None:
         lockspace, resource = p.opt_string("lockspace", 64), p.string("resource")
         owner = self._owner(conn, p)
-        return Pending(self.service.release_nowait(owner, lockspace, resource), _released_reply)
+        conn.shape = _released_reply
+        released = self.service.release_nowait(owner, lockspace, resource, conn.answered)
+        return None if released is None else _released_reply(released)
 
     async def release_all(self, conn: Connection, p: Params) -> dict[str, Any]:
         return {"leases": await self.service.release_all(self._owner(conn, p))}

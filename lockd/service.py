@@ -13,22 +13,23 @@ has a failpoint so tests can crash the daemon between any two of them:
 
 Group commit (:class:`~lockd.groupcommit.GroupCommit`): the writes of the requests that
 arrive in one loop iteration are journaled in one transaction; then, in submission order,
-each request's post-commit step (``then``: settle the lease, drop a released lock) runs and
-its future resolves. A reply is never sent before its commit.
+each request's post-commit step (settle the lease, drop a released lock) runs and its answer
+goes to whoever waits for it. A reply is never sent before its commit.
 
-Two ways in, with the same checks and the same order of steps. The coroutines
-(:meth:`LockService.acquire`, :meth:`~LockService.release`, ...) are for callers that await.
-A front end's hot path uses :meth:`~LockService.acquire_nowait` and
-:meth:`~LockService.release_nowait` instead: plain functions that run every step up to the
-journal commit at once, raise a refusal known at once (``ResourceBusy``, ``NotHeld``, ...)
-at once, and return an :class:`asyncio.Future` of the answer (the :class:`Lease`; Release's
-reply dict), already done when nothing needs journaling (an idempotent repeat). A request
-costs no task and no coroutine; only one that must wait for another request on the same
-lease to settle gets a task. Reply at once if the future is done; otherwise hand it to
-``service.commit.call_after_commit(fut, reply)``, which calls ``reply(fut)`` inside the
-flush right after that request's commit (no loop iteration in between: one connection's
-pair costs ~15% less CPU), and fall back to ``fut.add_done_callback(reply)`` when it
-returns False (a task). lockd.connection (both front ends) does exactly that.
+One way in for every front end: :meth:`~LockService.acquire_nowait` and
+:meth:`~LockService.release_nowait` take plain values and return plain values. They run
+every step up to the journal commit at once and raise a refusal known at once
+(``ResourceBusy``, ``NotHeld``, ...) at once. They return the answer (the :class:`Lease`;
+Release's reply dict) when nothing needs journaling (an idempotent repeat), else None: then
+``done(answer, None)`` (or ``done(None, exc)``) is called inside the flush, right after that
+request's commit (no loop iteration in between, no future, no task). Only a request that
+must wait for another request on the same lease to settle gets a task, which calls ``done``
+the same way. The coroutines (:meth:`LockService.acquire`, :meth:`~LockService.release`) wrap
+them for callers that await.
+
+A lease with a commit in flight has ``Lease.settled`` set: to the service's marker
+(``in_flight``, one future for all, never resolved) until somebody needs to wait for it, who
+then puts a future of its own there (:meth:`LockService.settled`): a request pays no future.
 
 Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or it is
 ``lost``); ``token`` values only grow; a request of a non-root peer touches only owners of
@@ -72,19 +73,17 @@ from lockd.errors import (
     ResourceBusy,
     TokenMismatch,
 )
+from lockd.groupcommit import Done, T, resolving
 from lockd.groupcommit import GroupCommit as GroupCommit  # importable from here too, as before
-from lockd.groupcommit import T
 from lockd.journal import (
     Journal,
-    delete_lease,
     delete_owner,
-    insert_lease,
+    end_writes,
+    grant_writes,
     lease_event,
     owner_event,
-    put_grant,
     put_lockspace,
     set_lease_state,
-    touch_grant,
 )
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces
@@ -101,21 +100,21 @@ LOST_EARLIER = "lost before lockd last started; its event is no longer in the hi
 
 
 def _log_lease(template: str, lease: Lease, event: str) -> None:
-    # DEBUG: one record per grant would cost more than the grant; journald's fields make
-    # `journalctl LOCKD_RESOURCE=/path` work when the level is raised
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(
-            template,
-            lease.mode,
-            lease.resource,
-            lease.token,
-            extra={
-                "LOCKD_RESOURCE": lease.resource,
-                "LOCKD_OWNER": lease.owner.uuid,
-                "LOCKD_TOKEN": lease.token,
-                "LOCKD_EVENT": event,
-            },
-        )
+    # DEBUG (the caller checks the level: a call less per request): one record per grant
+    # would cost more than the grant; journald's fields make `journalctl
+    # LOCKD_RESOURCE=/path` work when the level is raised
+    log.debug(
+        template,
+        lease.mode,
+        lease.resource,
+        lease.token,
+        extra={
+            "LOCKD_RESOURCE": lease.resource,
+            "LOCKD_OWNER": lease.owner.uuid,
+            "LOCKD_TOKEN": lease.token,
+            "LOCKD_EVENT": event,
+        },
+    )
 
 
 def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
@@ -160,6 +159,9 @@ class LockService(Owners):
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         # cumulative since start (lockd.metrics): plain integer increments on the hot path
         self.counters = Counters()
+        # Lease.settled of a lease whose commit is in flight and whom nobody waits for yet
+        # (see the module docstring): never resolved, never awaited
+        self.in_flight: asyncio.Future[None] = loop.create_future()
         # when this daemon started serving (the time given to a loss it found journaled
         # without a reason history still holds)
         self.started_at = time.time()
@@ -177,12 +179,12 @@ class LockService(Owners):
         # Requests that named the owner before it died may still be in flight (a ReleaseAll
         # racing the death): wait until none is, then claim every lease in one step, with no
         # await in between, so that a late request waits for this release instead.
-        while pending := [lease.settled for lease in owner.leases.values() if lease.settled]:
+        while pending := [self.settled(x) for x in owner.leases.values() if x.settled]:
             await asyncio.wait([asyncio.shield(fut) for fut in pending])
         leases = list(owner.leases.values())
         for lease in leases:
             lease.apply(Event.RELEASE)
-            lease.settled = self.loop.create_future()
+            lease.settled = self.in_flight
         failpoint.hit("owner-death.before-commit")
         writes = delete_owner(owner.uuid)
         writes += [lease_event("owner-dead", lease, reason) for lease in leases]
@@ -229,7 +231,10 @@ class LockService(Owners):
         token: int | None,
         peer: process.Peer,
     ) -> Lease:
-        return await self.acquire_nowait(owner, lockspace, resource, mode, token, peer)
+        lease: Lease = await self._wait(
+            self.acquire_nowait, owner, lockspace, resource, mode, token, peer
+        )
+        return lease
 
     def acquire_nowait(
         self,
@@ -239,13 +244,14 @@ class LockService(Owners):
         mode: str,
         token: int | None,
         peer: process.Peer,
-    ) -> asyncio.Future[Lease]:
+        done: Done,
+    ) -> Lease | None:
         """:meth:`acquire` without a coroutine: every step up to the journal commit runs now,
-        a refusal known at once raises now, and the future resolves to the lease once its
-        grant is journaled (at once for a repeat of a granted request)."""
+        a refusal known at once raises now; the lease is returned at once for a repeat of a
+        granted request, else ``done(lease, None)`` is called once its grant is journaled
+        (``done(None, exc)`` if it failed) and None returned."""
         # ``mode`` is one of MODES: the server checks it with the other parameters
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         exclusive = mode == "exclusive"
         check = None
         if not peer.root and ls == DIRECT:
@@ -269,18 +275,9 @@ class LockService(Owners):
         existing = owner.leases.get((ls, rkey))
         if existing is not None and existing.settled is not None:
             # a commit for this (owner, resource) is in flight: answer once it settled
-            return self.loop.create_task(
-                self._after(
-                    existing.settled,
-                    self.acquire_nowait,
-                    owner,
-                    lockspace,
-                    resource,
-                    mode,
-                    token,
-                    peer,
-                )
-            )
+            self._after(existing, done, self.acquire_nowait, owner, lockspace, resource, mode,
+                        token, peer)  # fmt: skip
+            return None
         if owner.uuid not in self.table.owners:
             raise NoSuchOwner(owner=owner.uuid)
         if existing is not None:
@@ -292,7 +289,7 @@ class LockService(Owners):
                 raise ResourceBusy(
                     f"{resource} is {why}", lockspace=ls, resource=resource, mode=mode, reason=why
                 )
-            return self._resolved(existing)  # idempotent repeat: same lease, same token
+            return existing  # idempotent repeat: same lease, same token
         if len(owner.leases) >= self.config.max_leases_per_owner:
             raise LimitExceeded(limit="leases-per-owner", value=self.config.max_leases_per_owner)
         if self.table.count >= self.config.max_leases:
@@ -330,31 +327,24 @@ class LockService(Owners):
             path = self.lockspaces.lease_path(ls, resource, rkey)
         elif path == resource:
             path = resource
-        lease = Lease(
-            owner=owner,
-            lockspace=ls,
-            rkey=rkey,
-            resource=resource,
-            path=path,
-            mode=mode,
-            token=new_token,
-            acquired_at=time.time(),
-            fdname=self.fdnames.take(),
-            state=State.ACQUIRING,
-            fd=locked.fd,
-        )
-        lease.settled = self.loop.create_future()
+        # positional (owner, lockspace, rkey, resource, path, mode, token, acquired_at,
+        # fdname, state, fd): keywords cost a look-up each, on every grant
+        lease = Lease(owner, ls, rkey, resource, path, mode, new_token, time.time(),
+                      self.fdnames.take(), State.ACQUIRING, locked.fd)  # fmt: skip
+        lease.settled = self.in_flight
         self.table.add(lease)
-        try:
-            self.fdstore.add(lease.fdname, locked.fd)
-        except OSError as exc:  # not parked in the fd store: nothing was granted
-            self._acquired(lease, exc)
-        return self.commit.submit(
-            insert_lease(lease),
-            put_grant(lease),
-            lease_event("acquire", lease),
-            then=lambda error: self._acquired(lease, error),
+        if self.fdstore.enabled:
+            try:
+                self.fdstore.add(lease.fdname, locked.fd)
+            except OSError as exc:  # not parked in the fd store: nothing was granted
+                self._acquired(lease, exc)
+        self.commit.add(
+            grant_writes(lease),
+            self._acquired,
+            lease,
+            done,
         )
+        return None
 
     def _acquired(self, lease: Lease, error: Exception | None) -> Lease:
         """After the grant's commit (or its failure: then nothing was granted)."""
@@ -368,9 +358,13 @@ class LockService(Owners):
                 ) from None
             raise error
         lease.apply(Event.COMMITTED)
-        self._settle(lease)
+        if lease.settled is self.in_flight:  # nobody waits for it (the usual case)
+            lease.settled = None
+        else:
+            self._settle(lease)
         self.counters.grants += 1
-        _log_lease("acquired %s %s token %d", lease, "acquire")
+        if log.isEnabledFor(logging.DEBUG):
+            _log_lease("acquired %s %s token %d", lease, "acquire")
         failpoint.hit("acquire.after-commit")
         return lease
 
@@ -394,58 +388,65 @@ class LockService(Owners):
         return None, rkey
 
     async def release(self, owner: Owner, lockspace: str | None, resource: str) -> dict[str, Any]:
-        return await self.release_nowait(owner, lockspace, resource)
+        released: dict[str, Any] = await self._wait(self.release_nowait, owner, lockspace, resource)
+        return released
 
     def release_nowait(
-        self, owner: Owner, lockspace: str | None, resource: str
-    ) -> asyncio.Future[dict[str, Any]]:
-        """:meth:`release` without a coroutine, as :meth:`acquire_nowait`: the future
-        resolves to the reply once the release is journaled and the lock dropped."""
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        self,
+        owner: Owner,
+        lockspace: str | None,
+        resource: str,
+        done: Done,
+        repeat: bool = True,
+    ) -> dict[str, Any] | None:
+        """:meth:`release` without a coroutine, as :meth:`acquire_nowait`: the reply is
+        returned at once for a repeat (the journal's last release of it, unless ``repeat``
+        is False: then NotHeld), else ``done(reply, None)`` is called once the release is
+        journaled and the lock dropped."""
+        ls = self.lockspaces.resolve(lockspace, resource)
         lease, rkey = self._find(owner, ls, resource)
-        if lease is not None and lease.settled is not None:
-            return self.loop.create_task(
-                self._after(lease.settled, self.release_nowait, owner, lockspace, resource)
-            )
         if lease is None:
-            last = self.journal.last_release(owner.uuid, ls, rkey) if rkey else None
+            last = self.journal.last_release(owner.uuid, ls, rkey) if rkey and repeat else None
             if last is None:
                 raise NotHeld(lockspace=ls, resource=resource)
-            return self._resolved(
-                released_wire(
-                    lockspace=ls,
-                    resource=last["resource"],
-                    mode=last["mode"],
-                    owner=owner.ref(),
-                    token=last["token"],
-                )
+            return released_wire(
+                lockspace=ls,
+                resource=last["resource"],
+                mode=last["mode"],
+                owner=owner.ref(),
+                token=last["token"],
             )
-        return self.release_lease_nowait(lease, "release", None, released_wire)
+        if lease.settled is not None:
+            self._after(lease, done, self.release_nowait, owner, lockspace, resource)
+            return None
+        self.release_lease_nowait(lease, "release", None, done)
+        return None
 
     async def release_lease(self, lease: Lease, event: str, reason: str | None) -> None:
         """Journal the end of a lease, then drop its kernel lock (DESIGN §4 rule 2)."""
-        await self.release_lease_nowait(lease, event, reason, lambda lease: None)
+        await self._wait(self.release_lease_nowait, lease, event, reason)
 
     def release_lease_nowait(
-        self, lease: Lease, event: str, reason: str | None, answer: Callable[[Lease], T]
-    ) -> asyncio.Future[T]:
-        """:meth:`release_lease` without a coroutine; the future resolves to
-        ``answer(lease)`` once the lock is dropped."""
+        self, lease: Lease, event: str, reason: str | None, done: Done
+    ) -> None:
+        """:meth:`release_lease` without a coroutine: ``done(released_wire(lease), None)``
+        once the release is journaled and the lock dropped."""
         lease.apply(Event.RELEASE)
-        lease.settled = self.loop.create_future()
+        lease.settled = self.in_flight
         failpoint.hit("release.before-commit")
-        return self.commit.submit(
-            delete_lease(lease.token),
-            touch_grant(lease),
-            lease_event(event, lease, reason),
-            then=lambda error: answer(self._released(lease, event, reason, error)),
+        self.commit.add(
+            end_writes(lease, event, reason),
+            self._released,
+            (lease, event, reason),
+            done,
         )
 
     def _released(
-        self, lease: Lease, event: str, reason: str | None, error: JournalError | None
-    ) -> Lease:
-        """After the release's commit: drop the lock (or keep it: the commit failed)."""
+        self, step: tuple[Lease, str, str | None], error: JournalError | None
+    ) -> dict[str, Any]:
+        """After the release's commit: drop the lock (or keep it: the commit failed); the
+        answer is Release's reply."""
+        lease, event, reason = step
         if error is not None:
             lease.apply(Event.FAILED)
             self._settle(lease)
@@ -458,11 +459,15 @@ class LockService(Owners):
         failpoint.hit("release.after-commit")
         self._drop(lease)
         failpoint.hit("release.after-close")
-        self._settle(lease)
-        _log_lease("released %s %s token %d", lease, event)
+        if lease.settled is self.in_flight:  # nobody waits for it (the usual case)
+            lease.settled = None
+        else:
+            self._settle(lease)
+        if log.isEnabledFor(logging.DEBUG):
+            _log_lease("released %s %s token %d", lease, event)
         if event != "release":
             self.publish(lease.owner, lease.as_event(event, reason, time.time()))
-        return lease
+        return released_wire(lease)
 
     async def release_all(self, owner: Owner) -> list[dict[str, Any]]:
         leases = list(owner.leases.values())
@@ -482,8 +487,7 @@ class LockService(Owners):
     async def force_release(
         self, lockspace: str | None, resource: str, owner: str | None
     ) -> list[dict[str, Any]]:
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         rkey = self.lockspaces.key(ls, resource)
         found = self.table.holders(ls, rkey) if rkey else []
         if not found:
@@ -497,7 +501,7 @@ class LockService(Owners):
         out = []
         for lease in found:
             while lease.settled is not None:
-                await asyncio.shield(lease.settled)
+                await asyncio.shield(self.settled(lease))
             if lease.state in (State.HELD, State.LOST):
                 await self.release_lease(lease, "force-release", "released by an administrator")
                 out.append(released_wire(lease))
@@ -507,14 +511,12 @@ class LockService(Owners):
     def held_by(self, owner: Owner, lockspace: str | None, resource: str) -> Lease | None:
         """The owner's lease on the resource (by file identity, or by the name it was taken
         with if the file is gone), or None."""
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         return self._find(owner, ls, resource)[0]
 
     def holders(self, lockspace: str | None, resource: str) -> list[Lease]:
         """Every lease on the resource, whoever holds it."""
-        ls = self.lockspaces.canonical(lockspace)
-        self.lockspaces.check(ls, resource)
+        ls = self.lockspaces.resolve(lockspace, resource)
         rkey = self.lockspaces.key(ls, resource)
         if rkey is not None:
             return self.table.holders(ls, rkey)
@@ -554,7 +556,7 @@ class LockService(Owners):
         lease.apply(Event.LOSE)
         lease.continuity = "lost"
         lease.lost = (time.time(), reason)
-        lease.settled = self.loop.create_future()
+        lease.settled = self.in_flight
         return self.loop.create_task(self._journal_lost(lease, reason))
 
     async def _journal_lost(self, lease: Lease, reason: str) -> None:
@@ -620,27 +622,48 @@ class LockService(Owners):
     def _drop(self, lease: Lease) -> None:
         """After the release is journaled: FDSTOREREMOVE, unlock, close, forget."""
         if lease.fd is not None:
-            self.fdstore.remove(lease.fdname)
+            if self.fdstore.enabled:
+                self.fdstore.remove(lease.fdname)
             ofd.unlock_and_close(lease.fd)
             lease.fd = None
         self.table.remove(lease)
         self.fdnames.give_back(lease.fdname)
 
-    @staticmethod
-    def _settle(lease: Lease) -> None:
+    def _settle(self, lease: Lease) -> None:
         fut, lease.settled = lease.settled, None
-        if fut is not None and not fut.done():
+        if fut is not self.in_flight and fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _resolved(self, value: T) -> asyncio.Future[T]:
-        fut: asyncio.Future[T] = self.loop.create_future()
-        fut.set_result(value)
+    def settled(self, lease: Lease) -> asyncio.Future[None]:
+        """A future done when the lease's commit in flight (``lease.settled`` set) settles."""
+        fut = lease.settled
+        if fut is None:  # nothing in flight: done already
+            fut = self.loop.create_future()
+            fut.set_result(None)
+        elif fut is self.in_flight:  # the first to wait for it
+            fut = lease.settled = self.loop.create_future()
         return fut
 
-    @staticmethod
-    async def _after(
-        settled: asyncio.Future[None], nowait: Callable[..., asyncio.Future[T]], *args: Any
-    ) -> T:
-        """Wait until a lease in flight settled, then start the request over."""
-        await asyncio.shield(settled)
-        return await nowait(*args)
+    def _after(self, lease: Lease, done: Done, nowait: Callable[..., Any], *args: Any) -> None:
+        """Wait until a lease in flight settled, then start the request over; its answer
+        goes to ``done`` as if it had not waited."""
+
+        async def again() -> None:
+            await asyncio.shield(self.settled(lease))
+            try:
+                answer = nowait(*args, done)
+            except Exception as exc:
+                done(None, exc)
+            else:
+                if answer is not None:
+                    done(answer, None)
+
+        self.loop.create_task(again())
+
+    async def _wait(self, nowait: Callable[..., T | None], *args: Any) -> T:
+        """Await a ``*_nowait`` call's answer (for callers that await)."""
+        fut: asyncio.Future[T] = self.loop.create_future()
+        answer = nowait(*args, resolving(fut))
+        if answer is not None:
+            return answer
+        return await fut

@@ -133,21 +133,7 @@ class Call(NamedTuple):
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> Call:
-        method = msg.get("method")
-        if not isinstance(method, str) or not method or len(method) > 255:
-            raise ProtocolError("call has no method name", reason="no-method")
-        params = msg.get("parameters", {})
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise InvalidParameter(parameter="parameters")
-        more = msg.get("more", False)
-        oneway = msg.get("oneway", False)
-        if not isinstance(more, bool):
-            raise InvalidParameter(parameter="more")
-        if not isinstance(oneway, bool):
-            raise InvalidParameter(parameter="oneway")
-        return cls(method, params, more, oneway)
+        return cls(*call_fields(msg))
 
     def encode(self) -> bytes:
         msg: dict[str, Any] = {"method": self.method}
@@ -160,11 +146,31 @@ class Call(NamedTuple):
         return dumps(msg)
 
 
+def call_fields(msg: dict[str, Any]) -> tuple[str, dict[str, Any], bool, bool]:
+    """A call message's method, parameters, more and oneway: checked, defaults filled in
+    (ProtocolError: no method; InvalidParameter: a field of the wrong type). A plain tuple:
+    the server reads every call with this, and a named tuple's ``__new__`` is a Python call."""
+    method = msg.get("method")
+    if type(method) is not str or not method or len(method) > 255:
+        raise ProtocolError("call has no method name", reason="no-method")
+    params = msg.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
+        raise InvalidParameter(parameter="parameters")
+    more = msg.get("more", False)
+    oneway = msg.get("oneway", False)
+    if more is not False and more is not True:
+        raise InvalidParameter(parameter="more")
+    if oneway is not False and oneway is not True:
+        raise InvalidParameter(parameter="oneway")
+    return method, params, more, oneway
+
+
 def encode_reply(parameters: dict[str, Any], continues: bool = False) -> bytes:
-    msg: dict[str, Any] = {"parameters": parameters}
     if continues:
-        msg["continues"] = True
-    return dumps(msg)
+        return orjson.dumps({"parameters": parameters, "continues": True}) + b"\0"
+    return orjson.dumps({"parameters": parameters}) + b"\0"  # dumps, inline (every reply)
 
 
 def encode_error(err: LockdError) -> bytes:

@@ -66,6 +66,7 @@ from lockd.errors import (
     LimitExceeded,
     LockdError,
     NoSuchOwner,
+    NotHeld,
     PermissionDenied,
     ProtocolError,
     ResourceBusy,
@@ -147,6 +148,10 @@ NOT_REGISTERED = RpcError.of(
 )
 
 
+# what a procedure returns when its answer comes later (to CallConnection.answered)
+LATER = object()
+
+
 def busy(name: str) -> Refused:
     return _refuse(ERR_RESOURCE_BUSY, FROM_LOCKSPACE, f"Lockspace resource '{name}' is locked")
 
@@ -154,15 +159,13 @@ def busy(name: str) -> Refused:
 class VirtlockdConnection(CallConnection[Event]):
     """A virtlockd-protocol connection (lockd.connection: calls answered in order, flow
     control). ACQUIRE and RELEASE take the service's fast path (``acquire_nowait``,
-    ``release_nowait``: no task, the reply sent inside the commit); REGISTER, NEW and
+    ``release_nowait``: no future, no task, the reply sent inside the commit); REGISTER, NEW and
     CREATE_LOCKSPACE await the service and run as a task; the others answer at once.
     Nothing is released when a connection closes: leases belong to the owner process."""
 
     def __init__(self, server: VirtlockdServer) -> None:
         decoder = Decoder()
-        super().__init__(
-            server.loop, server.service.commit, decoder, decoder.max_frame, server.connections
-        )
+        super().__init__(server.loop, decoder, decoder.max_frame, server.connections)
         self.server = server
         self.service = server.service
         self.owner: Owner | None = None
@@ -198,27 +201,27 @@ class VirtlockdConnection(CallConnection[Event]):
         if self.transport is not None:
             self.transport.close()
 
-    def start(self, event: Event) -> asyncio.Future[Any] | None:
+    def start(self, event: Event) -> bool:
         if not isinstance(event, Call):
             if isinstance(event, Rejected):
                 self.send(encode_error(event.header, event.error))
-            return None  # Dropped: not a call, nothing to answer
+            return False  # Dropped: not a call, nothing to answer
         self._header, self._name, self._newest = event.header, None, 0
         try:
-            fut = self._dispatch(event)
+            answer = self._dispatch(event)
         except Exception as exc:
             self._failed(exc)
-            return None
-        if fut is None:
-            self.send(encode_ok(event.header))
-        return fut
+            return False
+        if answer is LATER:
+            return True
+        self.finish(answer, None)
+        return False
 
-    def finish(self, fut: asyncio.Future[Any]) -> None:
-        error = fut.exception()
-        if error is not None:
-            self._failed(error)
+    def finish(self, answer: Any, failure: BaseException | None) -> None:
+        if failure is not None:
+            self._failed(failure)
             return
-        if self._newest and fut.result().token <= self._newest:
+        if self._newest and answer.token <= self._newest:
             # an exclusive ACQUIRE of what the owner held already: the service answers an
             # idempotent repeat, virtlockd "is locked" (a second shared acquire joins, in both)
             self._failed(busy(self._name or ""))
@@ -250,9 +253,10 @@ class VirtlockdConnection(CallConnection[Event]):
             )
 
     # -- the procedures ------------------------------------------------------------------
-    def _dispatch(self, call: Call) -> asyncio.Future[Any] | None:
-        """Run a call: None when it succeeded at once, the future of its outcome when it
-        waits, Refused (or the service's error) when it is refused at once."""
+    def _dispatch(self, call: Call) -> Any:
+        """Run a call: its answer when it succeeded at once (None, or an ACQUIRE's repeated
+        lease), LATER when its outcome comes later (to :attr:`answered`), Refused (or the
+        service's error) when it is refused at once."""
         args = call.args
         proc = call.header.procedure
         if isinstance(args, ResourceArgs):  # the hot path first
@@ -273,13 +277,15 @@ class VirtlockdConnection(CallConnection[Event]):
         if isinstance(args, CreateLockspaceArgs):  # no flags, no owner needed
             if self.restricted:
                 raise Refused(RESTRICTED)
-            return self.loop.create_task(self._create_lockspace(args.path, exists_ok=True))
+            self.run(self._create_lockspace(args.path, exists_ok=True))
+            return LATER
         if args.flags:  # REGISTER, RESTRICT, NEW take no flags
             raise Refused(flags_error(Proc(proc), args.flags))
         if self.restricted:
             raise Refused(RESTRICTED)
         if isinstance(args, RegisterArgs):
-            return self.loop.create_task(self._register(args))
+            self.run(self._register(args))
+            return LATER
         if self.owner is None:
             raise Refused(NOT_REGISTERED)
         if isinstance(args, RestrictArgs):
@@ -287,7 +293,8 @@ class VirtlockdConnection(CallConnection[Event]):
             return None
         if args.path == "":
             raise _refuse(ERR_OPERATION_INVALID, FROM_RPC, "the default lockspace already exists")
-        return self.loop.create_task(self._create_lockspace(args.path, exists_ok=False))
+        self.run(self._create_lockspace(args.path, exists_ok=False))
+        return LATER
 
     async def _register(self, args: RegisterArgs) -> None:
         if args.id == 0:  # libvirt's lockd driver never sends 0: virtlockd refuses it
@@ -369,7 +376,7 @@ class VirtlockdConnection(CallConnection[Event]):
             raise _refuse(ERR_INVALID_ARG, FROM_LOCKSPACE, str(exc)) from None
         return self.service.lockspaces.lease_path(ls, name, name)
 
-    def _acquire(self, owner: Owner, args: ResourceArgs) -> asyncio.Future[Lease]:
+    def _acquire(self, owner: Owner, args: ResourceArgs) -> Lease | object:
         ls = self._lockspace(args.path)
         shared = bool(args.flags & ACQUIRE_SHARED)
         autocreate = bool(args.flags & ACQUIRE_AUTOCREATE)
@@ -383,28 +390,34 @@ class VirtlockdConnection(CallConnection[Event]):
                 ) from None
         # the service's errors from here on are translated (_failed) with these
         self._name, self._create = args.name, autocreate and ls != DIRECT
-        if shared:
-            return self.service.acquire_nowait(owner, ls, args.name, "shared", None, self.peer)
-        self._newest = self.service.commit.last_token  # a lease granted now gets a larger one
-        return self.service.acquire_nowait(owner, ls, args.name, "exclusive", None, self.peer)
+        if not shared:  # a lease granted now gets a larger token
+            self._newest = self.service.commit.last_token
+        mode = "shared" if shared else "exclusive"
+        lease = self.service.acquire_nowait(
+            owner, ls, args.name, mode, None, self.peer, self.answered
+        )
+        return LATER if lease is None else lease  # a repeat: answered now
 
-    def _release(self, owner: Owner, args: ResourceArgs) -> asyncio.Future[dict[str, Any]]:
+    def _release(self, owner: Owner, args: ResourceArgs) -> object:
         ls = self._lockspace(args.path)
         self._name, self._create = args.name, False
-        # by the name it was taken with, else by the file (LockService._find)
-        if self.service.held_by(owner, ls, args.name) is None:
+        # by the name it was taken with, else by the file (LockService._find); not the
+        # service's idempotent repeat (virtlockd answers what is not held with an error)
+        try:
+            self.service.release_nowait(owner, ls, args.name, self.answered, repeat=False)
+        except NotHeld:
             if self.service.holders(ls, args.name):
                 raise _refuse(
                     ERR_INTERNAL_ERROR,
                     FROM_LOCKSPACE,
                     f"owner {owner.pid} does not hold the resource lock",
-                )
+                ) from None
             raise _refuse(
                 ERR_RESOURCE_BUSY,
                 FROM_LOCKSPACE,
                 f"Lockspace resource '{args.name}' is not locked",
-            )
-        return self.service.release_nowait(owner, ls, args.name)
+            ) from None
+        return LATER
 
     def _touch_or_delete(self, proc: Proc, args: ResourceArgs) -> None:
         ls = self._lockspace(args.path)
