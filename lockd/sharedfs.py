@@ -69,9 +69,9 @@ the client's locks, and another host takes the resource. Three things here:
 
    A loss takes the one lost path (:meth:`LockService.lease_lost`): HELD -> LOST, journaled
    with an event, the fd closed, Watch told, the owner fenced by its policy. GETLK never
-   takes a lock, so a probe never changes what it looks at. (Acquire and release on that
-   storage are still system calls on the event loop: while it does not answer, they block
-   lockd, up to the client's own timeout: GlusterFS's network.ping-timeout, 42 s by default.)
+   takes a lock, so a probe never changes what it looks at. Acquire and release there run
+   in the lockspace's own thread, with a bound (:class:`lockd.lockspace.StorageWorker`,
+   registered here for every lockspace classified shared).
 
 Invariants: a local lockspace is never probed; a lease is probed only while it is HELD with
 no commit in flight, and nothing closes its fd during the probe (it is marked busy); a lease
@@ -97,6 +97,7 @@ from lockd import ofd
 from lockd.config import Config
 from lockd.errors import InvalidResource
 from lockd.leases import Lease, State
+from lockd.lockspace import StorageWorker
 from lockd.service import LockService
 
 log = logging.getLogger("lockd")
@@ -355,6 +356,8 @@ class Verifier:
 
     def _classify(self, ls: str, directory: str, when: str = "start") -> Storage:
         new = classify(ls, directory, ls in self.config.shared_lockspaces)
+        if new.shared and ls not in self.service.shared_io:  # its file operations off the loop
+            self.service.shared_io[ls] = StorageWorker(ls, self.loop)
         if new.unsafe:
             self._unsafe(new, when)
         elif new.shared:
