@@ -262,3 +262,74 @@ def test_third_party_in_the_handover_gap(
     c.a.virsh("resume", "vm1", check=True)
     assert state(c.a, "vm1") == "running" and lease(c.a) is not None
     _finish(c, request)
+
+
+# --- scenario 7: a hung mount stalls nobody else ------------------------------------------------
+
+
+@full_bed
+def test_hung_mount_stalls_nobody_else(direct: ch.Cluster, figures: Figures) -> None:
+    """The brick stopped (SIGSTOP) while A's lockd holds a lease on the volume and one on a
+    local directory: calls for the local lockspace and the direct lockspace keep answering,
+    one for the hung lockspace fails within its bound with a named error, the watchdog does
+    not fire; after SIGCONT everything answers and the held lease is still held."""
+    import signal
+
+    c, host = direct, direct.a
+    sm = host.sm
+    host.lockd.stop()
+    for d in ("/var/lib/libvirt/images/ls", "/var/lib/lockd-local"):
+        host.run_inside("mkdir", "-p", d)
+    host.run_inside("touch", "/var/lib/local.img")
+    host.path("/etc/lockd").mkdir(exist_ok=True)
+    host.path("/etc/lockd/lockd.conf").write_text(
+        '[lockspaces]\nshared = "/var/lib/libvirt/images/ls"\nlocal = "/var/lib/lockd-local"\n'
+    )
+    host.lockd.start()
+    owner, pid = sm.spawn_inside("sleep", "1000")
+
+    def acquire(resource: str, lockspace: str | None = None) -> tuple[int, str, float]:
+        extra = ["--lockspace", lockspace] if lockspace else []
+        t0 = time.monotonic()
+        out = sm.lockctl("acquire", resource, "--pid", str(pid), *extra)
+        return out.returncode, out.stderr, time.monotonic() - t0
+
+    try:
+        assert acquire("held-shared", "shared")[0] == 0
+        assert acquire("held-local", "local")[0] == 0
+        lockd_pid = sm.main_pid()
+        restarts = sm.prop(lh.sd.SERVICE, "NRestarts")
+        brick = c.storage.brick_pid if c.storage else None
+        assert brick
+        os.kill(brick, signal.SIGSTOP)
+        try:
+            hung: list[tuple[int, str, float]] = []
+            t = threading.Thread(target=lambda: hung.append(acquire("new-shared", "shared")))
+            t.start()
+            time.sleep(1)  # the shared call is stuck in the storage thread now
+            for resource, ls in (("new-local", "local"), ("/var/lib/local.img", None)):
+                rc, err, took = acquire(resource, ls)
+                assert rc == 0, err
+                figures.ms(f"hung brick: lockctl acquire in {ls or 'direct'} (local)", took)
+            t.join(60)
+            rc, err, took = hung[0]
+            assert rc != 0 and "shared-storage-timeout" in err, err
+            figures.ms("hung brick: lockctl acquire in the hung lockspace, refused", took)
+            rc, err, took = acquire("new-shared-2", "shared")
+            assert rc != 0 and "shared-storage-timeout" in err, err
+            figures.ms("hung brick: the next one, refused at once", took)
+            time.sleep(12)  # past WatchdogSec=20 s since the stop
+            assert (sm.main_pid(), sm.prop(lh.sd.SERVICE, "NRestarts")) == (lockd_pid, restarts)
+        finally:
+            os.kill(brick, signal.SIGCONT)
+        wait_until(lambda: acquire("after", "shared")[0] == 0, 60, 0.5, "the shared lockspace back")
+        leases = {x["resource"]: x["state"] for x in host.leases()}
+        assert leases.get("held-shared") == "held" and leases.get("held-local") == "held", leases
+        rc, report = host.lockd.verify()
+        assert rc == 0, report
+    finally:
+        sm.run_inside("kill", "-KILL", str(pid), check=False)  # nsenter's child, in there
+        owner.wait(30)
+        host.lockd.stop()
+        host.path("/etc/lockd/lockd.conf").unlink()
+        host.lockd.start()
