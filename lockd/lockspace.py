@@ -20,21 +20,6 @@ Theory of operation (DESIGN §2):
   creates a missing lease file 0600 as for an indirect one (whether a missing one may be
   created is the caller's decision, made before).
 
-**Shared storage that stops answering** (:class:`StorageWorker`). The kernel's ``open`` and
-``fcntl`` on a network or FUSE mount do not time out: a GlusterFS brick that stops answering
-holds them until the client's ``network.ping-timeout`` (42 s by default), an NFS hard mount
-for ever. On the event loop that stalls every client of lockd, local disks included, and
-systemd's watchdog aborts a daemon that hangs again in recovery. So the blocking file
-operations of lockspaces on shared storage (the indirect and named ones
-:class:`lockd.sharedfs.Verifier` classifies as shared) run in one thread per lockspace, in
-order, and each acquire waits at most :data:`SHARED_IO_TIMEOUT` seconds: then it fails with
-``LimitExceeded`` (limit ``shared-storage-timeout``) naming the lockspace, and while that
-thread is still stuck, later ones fail at once the same way (one thread per hung lockspace,
-no queue growing behind it). A lock that arrives after its caller gave up is closed in that
-thread; nothing was granted. Releases there close their fd in that thread too (after the
-release is journaled, as DESIGN §4 orders). Local lockspaces and the direct lockspace never
-go through it: their path is unchanged, one dictionary lookup more for an indirect request.
-
 Paths are refused rather than repaired: a relative path, a NUL byte, ``..`` or ``//`` (anything
 ``os.path.normpath`` would change) is an :class:`InvalidResource`, because "fixing" ``..``
 across a symlink silently changes which file is meant.
@@ -42,29 +27,18 @@ across a symlink silently changes which file is meant.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import os
-import queue
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from lockd import ofd
-from lockd.errors import InvalidResource, LimitExceeded
+from lockd.errors import InvalidResource
 from lockd.ofd import Locked
-
-T = TypeVar("T")
 
 DIRECT = ""
 MAX_PATH = 4096  # PATH_MAX
 MAX_NAME = 255  # NAME_MAX
-# seconds an acquire waits for shared storage: well under the clients' own timeouts (lockctl
-# 30 s) and GlusterFS's ping-timeout (42 s), so the caller hears why before it gives up
-SHARED_IO_TIMEOUT = 10
 
 
 def _invalid(resource: str, reason: str) -> InvalidResource:
@@ -193,114 +167,3 @@ class Lockspaces:
             return ofd.lock_existing(path, exclusive, inode, check, seen)
         except InvalidResource as exc:
             raise _invalid(resource, str(exc.parameters.get("reason", exc))) from None
-
-
-class _Job:
-    __slots__ = ("fn", "fut", "abandon", "state")
-
-    def __init__(
-        self,
-        fn: Callable[[], Any],
-        fut: asyncio.Future[Any] | None,
-        abandon: Callable[[Any], None] | None,
-    ) -> None:
-        self.fn, self.fut, self.abandon = fn, fut, abandon
-        self.state = "pending"  # -> "done" (the worker delivers) or "expired" (the loop gave up)
-
-
-class StorageWorker:
-    """The blocking file operations of one lockspace on shared storage, in a thread of its
-    own (the module docstring). Its thread starts at the first call."""
-
-    def __init__(self, lockspace: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.lockspace = lockspace
-        self.loop = loop
-        self.timeout: float = SHARED_IO_TIMEOUT
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._guard = threading.Lock()  # a job's state: the loop's timer and the thread race
-        self._thread: threading.Thread | None = None
-        # when the call in progress began (None: idle): a stuck thread fails new calls at once
-        self.busy_since: float | None = None
-
-    def _timeout_error(self, what: str) -> LimitExceeded:
-        return LimitExceeded(
-            f"lockspace {self.lockspace}: its shared storage {what}; "
-            "nothing was granted, retry once the storage answers",
-            limit="shared-storage-timeout",
-            value=int(self.timeout),
-            lockspace=self.lockspace,
-        )
-
-    def call(
-        self, fn: Callable[[], T], abandon: Callable[[T], None] | None = None
-    ) -> asyncio.Future[T]:
-        """``fn()`` in the thread; the future fails with LimitExceeded after ``timeout``
-        seconds, and ``abandon(result)`` then runs in the thread if ``fn`` returns later."""
-        since = self.busy_since
-        if since is not None and time.monotonic() - since > self.timeout:
-            raise self._timeout_error(
-                f"has not answered a call for {time.monotonic() - since:.0f} s"
-            )
-        fut: asyncio.Future[T] = self.loop.create_future()
-        job = _Job(fn, fut, abandon)
-        self._put(job)
-
-        def expire() -> None:
-            with self._guard:
-                if job.state != "pending":
-                    return
-                job.state = "expired"
-            if not fut.done():
-                fut.set_exception(self._timeout_error(f"did not answer within {self.timeout:g} s"))
-
-        handle = self.loop.call_later(self.timeout, expire)
-        fut.add_done_callback(lambda _: handle.cancel())
-        return fut
-
-    def detach(self, fn: Callable[[], object]) -> None:
-        """``fn()`` in the thread, nobody waiting (a release's close)."""
-        self._put(_Job(fn, None, None))
-
-    def _put(self, job: _Job) -> None:
-        self._jobs.put(job)
-        if self._thread is None:
-            # a daemon thread: a stop must not wait for a hung mount (an executor's would)
-            self._thread = threading.Thread(
-                target=self._run, name=f"lockd-storage {self.lockspace}", daemon=True
-            )
-            self._thread.start()
-
-    def _deliver(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            self.busy_since = time.monotonic()
-            result: Any = None
-            exc: BaseException | None = None
-            try:
-                result = job.fn()
-            except BaseException as e:  # delivered to the caller
-                exc = e
-            self.busy_since = None
-            if job.fut is None:
-                continue
-            with self._guard:
-                expired = job.state == "expired"
-                job.state = "done"
-            if expired:
-                if exc is None and job.abandon is not None:
-                    # a failed close (the storage gone) took the lock with it
-                    with contextlib.suppress(OSError):
-                        job.abandon(result)
-                continue
-            try:
-                self.loop.call_soon_threadsafe(self._deliver, job.fut, result, exc)
-            except RuntimeError:  # the loop closed meanwhile
-                return

@@ -89,10 +89,11 @@ from lockd.journal import (
     touch_grant,
 )
 from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
-from lockd.lockspace import DIRECT, Lockspaces, StorageWorker
+from lockd.lockspace import DIRECT, Lockspaces
 from lockd.metrics import Counters
 from lockd.notify import FdStore
 from lockd.owners import Owners
+from lockd.sharedio import StorageWorker
 
 log = logging.getLogger("lockd")
 
@@ -172,7 +173,7 @@ class LockService(Owners):
         # existing one is asked for again; raises to refuse it (lockd/sharedfs.py)
         self.admit_lockspace: Callable[[str, str], None] | None = None
         # lockspace -> the thread its blocking file operations run in: those on shared
-        # storage, which can stop answering (lockd/lockspace.py; filled by lockd/sharedfs.py)
+        # storage, which can stop answering (lockd/sharedio.py; filled by lockd/sharedfs.py)
         self.shared_io: dict[str, StorageWorker] = {}
         # lease -> its unlock in progress there, which the release's reply waits for
         self._closing: dict[Lease, asyncio.Future[None]] = {}
@@ -339,7 +340,7 @@ class LockService(Owners):
     async def _acquire_shared(
         self, worker: StorageWorker, request: tuple[Any, ...], ls: str, rkey: str
     ) -> Lease:
-        """The lock taken in the lockspace's storage thread (lockd/lockspace.py), then
+        """The lock taken in the lockspace's storage thread (lockd/sharedio.py), then
         granted as any other; the table is looked at again, since it may have changed while
         the storage answered."""
         owner, _, resource, mode = request[:4]
