@@ -19,12 +19,14 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import cluster_harness as ch
+import gluster_harness as gh
 import libvirt_harness as lh
 import pytest
 from e2e import F_OFD_SETLK, FLOCK, probe, wait_until
@@ -290,8 +292,9 @@ def test_hung_mount_stalls_nobody_else(direct: ch.Cluster, figures: Figures) -> 
 
     def acquire(resource: str, lockspace: str | None = None) -> tuple[int, str, float]:
         extra = ["--lockspace", lockspace] if lockspace else []
-        t0 = time.monotonic()
-        out = sm.lockctl("acquire", resource, "--pid", str(pid), *extra)
+        t0 = time.monotonic()  # inside: lockctl reads /proc/PID of the owner
+        out = host.run_inside(sys.executable, "-m", "lockd.cli", "--timeout", "30", "acquire",
+                              resource, "--pid", str(pid), *extra, check=False)  # fmt: skip
         return out.returncode, out.stderr, time.monotonic() - t0
 
     try:
@@ -318,13 +321,29 @@ def test_hung_mount_stalls_nobody_else(direct: ch.Cluster, figures: Figures) -> 
             rc, err, took = acquire("new-shared-2", "shared")
             assert rc != 0 and "shared-storage-timeout" in err, err
             figures.ms("hung brick: the next one, refused at once", took)
-            time.sleep(12)  # past WatchdogSec=20 s since the stop
+            time.sleep(10)  # past WatchdogSec=20 s since the stop
             assert (sm.main_pid(), sm.prop(lh.sd.SERVICE, "NRestarts")) == (lockd_pid, restarts)
+            # a start with the mount hung (lockd was stopped before): recovery re-takes the
+            # local lease, gives up on the hung one within its bound, and serves the rest
+            os.kill(brick, signal.SIGCONT)
+            sm.systemctl("stop", lh.sd.SERVICE)
+            os.kill(brick, signal.SIGSTOP)
+            t0 = time.monotonic()
+            rc, err, took = acquire("after-restart", "local")  # its connection starts lockd
+            assert rc == 0, err
+            figures.ms("hung brick: lockd stopped, then started by lockctl acquire in local",
+                       time.monotonic() - t0)  # fmt: skip
+            leases = {x["resource"]: (x["state"], x["continuity"]) for x in host.leases()}
+            # the local one re-taken; the hung one recovering (shown held), not lost
+            assert leases["held-local"] == ("held", "retaken"), leases
+            assert leases["held-shared"][0] == "held", leases
+            figures.add(f"hung brick: after that start: {leases}")
         finally:
             os.kill(brick, signal.SIGCONT)
         wait_until(lambda: acquire("after", "shared")[0] == 0, 60, 0.5, "the shared lockspace back")
-        leases = {x["resource"]: x["state"] for x in host.leases()}
-        assert leases.get("held-shared") == "held" and leases.get("held-local") == "held", leases
+        leases = {x["resource"]: (x["state"], x["continuity"]) for x in host.leases()}
+        assert leases["held-shared"] == ("held", "retaken"), leases  # locked once it answered
+        assert leases["held-local"] == ("held", "retaken"), leases
         rc, report = host.lockd.verify()
         assert rc == 0, report
     finally:
@@ -333,3 +352,135 @@ def test_hung_mount_stalls_nobody_else(direct: ch.Cluster, figures: Figures) -> 
         host.lockd.stop()
         host.path("/etc/lockd/lockd.conf").unlink()
         host.lockd.start()
+
+
+# --- scenarios 3 and 5 --------------------------------------------------------------------------
+
+
+@full_bed
+def test_failed_migration_keeps_the_lease_on_a(
+    direct: ch.Cluster, figures: Figures, request: pytest.FixtureRequest
+) -> None:
+    """Scenario 3: the destination's QEMU is killed (kill -9) as soon as it exists, during
+    ``virsh migrate --live``: the migration fails, vm1 keeps running on A, and A's lockd still
+    holds the same lease (same token, never released); B holds nothing."""
+    c = direct
+    out, _ = c.a.start("vm1")
+    assert out.returncode == 0, out.stderr
+    before = lease(c.a)
+    assert before is not None
+    stop, killed = threading.Event(), []
+
+    def kill_incoming() -> None:
+        pidfile = c.b.path("/run/libvirt/qemu/vm1.pid")
+        while not stop.is_set():
+            try:  # B's QEMU, once it runs QEMU's code (not libvirt's child before exec)
+                pid = int(pidfile.read_text())
+                running = c.b.path(f"/proc/{pid}/comm").read_text().strip() == "qemu-system-x86"
+            except (OSError, ValueError):
+                running = False
+            if not running:
+                time.sleep(0.002)
+                continue
+            c.b.run_inside("kill", "-KILL", str(pid), check=False)
+            killed.append(pid)
+            return
+
+    killer = threading.Thread(target=kill_incoming)
+    killer.start()
+    try:
+        out, took = c.migrate("vm1", c.a, c.b)
+    finally:
+        stop.set()
+        killer.join(30)
+    assert killed, "B's QEMU never appeared"
+    assert out.returncode != 0, out.stdout
+    figures.ms("[direct] migrate A->B with B's QEMU killed (fails)", took)
+    figures.add(f"[direct]   its error: {out.stderr.strip().splitlines()[-1]}")
+    assert state(c.a, "vm1") == "running" and state(c.b, "vm1") != "running"
+    after = lease(c.a)
+    assert after is not None and after["token"] == before["token"], (before, after)
+    assert lease(c.b) is None and seen(c) == ("exclusive", "exclusive")
+    _finish(c, request)
+
+
+@full_bed
+def test_partition_a_is_fenced(
+    indirect: ch.Cluster, figures: Figures, request: pytest.FixtureRequest
+) -> None:
+    """Scenario 6, on file_lockspace_dir (a lockspace lockd verifies): A's connections to
+    the storage are reset (``ss -K`` in A's network namespace, so the brick sees the RST and
+    drops A's locks) and kept down (A's link to the storage bridge down). A's lockd finds the
+    lease lost at its next verification and fences vm1's QEMU (SIGKILL, the default policy);
+    measured: when B could lock, when A's lockd declared the loss, when A's QEMU was gone."""
+    c = indirect
+    out, _ = c.a.start("vm1")
+    assert out.returncode == 0, out.stderr
+    qemu = c.a.qemu_pid("vm1")
+    assert c.net is not None
+    t0, wall = time.monotonic(), time.time()
+    c.a.run_inside("ss", "-K", "dst", ch.STORAGE_ADDR)
+    c.net.ip("link", "set", "ha", "down")
+    try:
+        wait_until(lambda: probe(c.b.lease_file(DISK)) == "free", 60, 0.005, "the brick drops A")
+        b_could = time.monotonic() - t0
+
+        wait_until(lambda: not c.a.path(f"/proc/{qemu}").exists(), 60, 0.01, "A's QEMU fenced")
+        fenced = time.monotonic() - t0
+        # the loss as A's journal has it (the owner's death released the lost lease at once)
+        events = c.a.lockd.lockctl("history")["events"]
+        [loss] = [e for e in events if e["event"] == "lost"]
+        assert "EBADFD" in loss["reason"], loss
+        a_lost = loss["at"] - wall
+        figures.add(
+            f"[indirect] partition of A (verify_interval 5 s): B could lock after "
+            f"{b_could * 1000:.0f} ms, A's lease lost after {a_lost * 1000:.0f} ms, A's QEMU "
+            f"killed after {fenced * 1000:.0f} ms"
+        )
+        assert state(c.a, "vm1") != "running"
+        out, _ = c.b.start("vm1")
+        assert out.returncode == 0, out.stderr
+        assert lease(c.b) is not None
+    finally:
+        c.net.ip("link", "set", "ha", "up")
+    # A's client reconnects by itself; the lost lease stays reported until released
+    wait_until(lambda: gh.answers(c.a.path(ch.IMAGES)), 60, 0.1, "A's mount back")
+    c.b.destroy_all()
+    assert c.a.leases() == []  # lost, then released when its fenced owner died
+    _finish(c, request)
+
+
+@full_bed
+def test_host_a_dies_and_b_starts_the_domain(direct: ch.Cluster, figures: Figures) -> None:
+    """Scenario 5 (last in the module: host A is gone after it): vm1 runs on A; every
+    process of A dies at once (SIGKILL of its PID 1 kills its whole PID namespace: libvirtd,
+    QEMU, lockd, A's GlusterFS client); B can start vm1 as soon as the brick has dropped A's
+    locks, which it does when A's client connection closes."""
+    import signal
+
+    c = direct
+    out, _ = c.a.start("vm1")
+    assert out.returncode == 0, out.stderr
+    assert seen(c) == ("exclusive", "exclusive")
+    t0 = time.monotonic()
+    os.kill(c.a.sm.pid1, signal.SIGKILL)
+    wait_until(lambda: probe(c.b.lease_file(DISK)) == "free", 60, 0.005, "A's lock dropped")
+    freed = time.monotonic() - t0
+    tries = 0
+
+    def started() -> bool:
+        nonlocal tries
+        tries += 1
+        return c.b.start("vm1")[0].returncode == 0
+
+    wait_until(started, 60, 0.05, "vm1 started on B")
+    took = time.monotonic() - t0
+    figures.ms("[direct] host A killed -> the disk free through B's mount", freed)
+    figures.ms(f"[direct] host A killed -> vm1 running on B ({tries} virsh start)", took)
+    assert state(c.b, "vm1") == "running"
+    on_b = lease(c.b)
+    assert on_b is not None and on_b["owner"]["uuid"] == VM1.uuid
+    assert probe(c.b.lease_file(DISK)) == "exclusive"
+    c.b.destroy_all()
+    rc, report = c.b.lockd.verify()
+    assert rc == 0, report
