@@ -52,8 +52,6 @@ because any front end may use them (nothing here knows virtlockd's protocol):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import os
 import time
@@ -175,8 +173,6 @@ class LockService(Owners):
         # lockspace -> the thread its blocking file operations run in: those on shared
         # storage, which can stop answering (lockd/sharedio.py; filled by lockd/sharedfs.py)
         self.shared_io: dict[str, StorageWorker] = {}
-        # lease -> its unlock in progress there, which the release's reply waits for
-        self._closing: dict[Lease, asyncio.Future[None]] = {}
 
     # -- owner death (the rest of an owner's life: lockd/owners.py) ------------------------
     async def owner_died(self, owner: Owner, reason: str) -> None:
@@ -326,38 +322,18 @@ class LockService(Owners):
         failpoint.hit("acquire.before-lock")
         if worker is not None:  # shared storage: off the event loop, with a bound
             request = (owner, lockspace, resource, mode, token, peer)
-            return self.loop.create_task(self._acquire_shared(worker, request, ls, rkey))
+            return self.loop.create_task(worker.acquire(self, request, ls, rkey))
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check, seen=seen)
         except ResourceBusy:
-            raise self._busy(ls, resource, mode) from None
-        return self._grant(owner, ls, resource, rkey, mode, locked)
+            raise self.busy(ls, resource, mode) from None
+        return self.grant(owner, ls, resource, rkey, mode, locked)
 
-    def _busy(self, ls: str, resource: str, mode: str) -> ResourceBusy:
+    def busy(self, ls: str, resource: str, mode: str) -> ResourceBusy:
         self.counters.conflicts += 1
         return ResourceBusy(f"{resource} is busy", lockspace=ls, resource=resource, mode=mode)
 
-    async def _acquire_shared(
-        self, worker: StorageWorker, request: tuple[Any, ...], ls: str, rkey: str
-    ) -> Lease:
-        """The lock taken in the lockspace's storage thread (lockd/sharedio.py), then
-        granted as any other; the table is looked at again, since it may have changed while
-        the storage answered."""
-        owner, _, resource, mode = request[:4]
-        lock = functools.partial(self.lockspaces.lock, ls, resource, rkey, mode == "exclusive")
-        try:
-            locked = await worker.call(lock, abandon=lambda got: ofd.unlock_and_close(got.fd))
-        except ResourceBusy:
-            if (ls, rkey) in owner.leases:  # a repeat of a request granted meanwhile
-                return await self.acquire_nowait(*request)
-            raise self._busy(ls, resource, mode) from None
-        if owner.uuid not in self.table.owners or (ls, rkey) in owner.leases:
-            # the owner died, or a repeat was granted, meanwhile: answer as for those
-            worker.detach(functools.partial(ofd.unlock_and_close, locked.fd))
-            return await self.acquire_nowait(*request)
-        return await self._grant(owner, ls, resource, rkey, mode, locked)
-
-    def _grant(
+    def grant(
         self, owner: Owner, ls: str, resource: str, rkey: str, mode: str, locked: ofd.Locked
     ) -> asyncio.Future[Lease]:
         """A lock taken: its lease, parked in the fd store, journaled (DESIGN §4 rule 1)."""
@@ -482,9 +458,8 @@ class LockService(Owners):
             lease_event(event, lease, reason),
             then=lambda error: answer(self._released(lease, event, reason, error)),
         )
-        if lease.lockspace == DIRECT or lease.lockspace not in self.shared_io:
-            return replied
-        return self.loop.create_task(self._after_close(replied, lease))
+        worker = self.shared_io.get(lease.lockspace) if lease.lockspace != DIRECT else None
+        return replied if worker is None else self.loop.create_task(worker.replied(replied, lease))
 
     def _released(
         self, lease: Lease, event: str, reason: str | None, error: JournalError | None
@@ -672,37 +647,11 @@ class LockService(Owners):
         """Unlock and close the lease's fd: in its lockspace's storage thread if it has one
         (a close on a mount that does not answer waits as long as a lock would)."""
         fd, lease.fd = lease.fd, None
-        if fd is None:
-            return
         worker = self.shared_io.get(lease.lockspace) if lease.lockspace != DIRECT else None
-        if worker is None:
+        if worker is not None and fd is not None:
+            worker.close(lease, fd)
+        elif fd is not None:
             ofd.unlock_and_close(fd)
-            return
-        close = functools.partial(ofd.unlock_and_close, fd)
-        try:
-            closed = worker.call(close)
-        except LimitExceeded:  # the storage is stuck: closed once it answers
-            worker.detach(close)
-            return
-        self._closing[lease] = closed
-
-        def done(f: asyncio.Future[None]) -> None:
-            self._closing.pop(lease, None)
-            if not f.cancelled():
-                f.exception()  # retrieved: the release's reply does not depend on it
-
-        closed.add_done_callback(done)
-
-    async def _after_close(self, replied: asyncio.Future[T], lease: Lease) -> T:
-        """A release's reply in a shared lockspace: after the unlock (DESIGN §4 rule 2), or
-        after the storage thread's bound; a storage that does not answer keeps the lock
-        until it does (held longer, never shorter), and the release stands (journaled)."""
-        answer = await replied
-        closed = self._closing.get(lease)
-        if closed is not None:
-            with contextlib.suppress(LimitExceeded, OSError):
-                await asyncio.shield(closed)
-        return answer
 
     @staticmethod
     def _settle(lease: Lease) -> None:

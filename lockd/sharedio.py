@@ -85,6 +85,8 @@ class StorageWorker:
         self._thread: threading.Thread | None = None
         # when the call in progress began (None: idle): a stuck thread fails new calls at once
         self.busy_since: float | None = None
+        # lease -> its unlock in progress here, which the release's reply waits for
+        self.closing: dict[Lease, asyncio.Future[None]] = {}
 
     def _timeout_error(self, what: str) -> LimitExceeded:
         return LimitExceeded(
@@ -168,6 +170,56 @@ class StorageWorker:
         if exc is not None:
             raise exc
         return result  # type: ignore[no-any-return]
+
+    # -- what the lock service does here (lockd/service.py) ---------------------------------
+
+    async def acquire(
+        self, service: LockService, request: tuple[Any, ...], ls: str, rkey: str
+    ) -> Lease:
+        """An acquire's lock taken here, then granted as any other; the table is looked at
+        again, since it may have changed while the storage answered."""
+        owner, _, resource, mode = request[:4]
+        lock = functools.partial(service.lockspaces.lock, ls, resource, rkey, mode == "exclusive")
+        try:
+            locked = await self.call(lock, abandon=lambda got: ofd.unlock_and_close(got.fd))
+        except ResourceBusy:
+            if (ls, rkey) in owner.leases:  # a repeat of a request granted meanwhile
+                return await service.acquire_nowait(*request)
+            raise service.busy(ls, resource, mode) from None
+        if owner.uuid not in service.table.owners or (ls, rkey) in owner.leases:
+            # the owner died, or a repeat was granted, meanwhile: answer as for those
+            self.detach(functools.partial(ofd.unlock_and_close, locked.fd))
+            return await service.acquire_nowait(*request)
+        return await service.grant(owner, ls, resource, rkey, mode, locked)
+
+    def close(self, lease: Lease, fd: int) -> None:
+        """A released (or lost) lease's unlock and close, here; a release's reply waits for
+        it (:meth:`replied`)."""
+        close = functools.partial(ofd.unlock_and_close, fd)
+        try:
+            closed = self.call(close)
+        except LimitExceeded:  # stuck: closed once the storage answers
+            self.detach(close)
+            return
+        self.closing[lease] = closed
+
+        def done(f: asyncio.Future[None]) -> None:
+            self.closing.pop(lease, None)
+            if not f.cancelled():
+                f.exception()  # retrieved: the reply does not depend on it
+
+        closed.add_done_callback(done)
+
+    async def replied(self, replied: asyncio.Future[T], lease: Lease) -> T:
+        """A release's reply: after the unlock (DESIGN §4 rule 2), or after the bound; a
+        storage that does not answer keeps the lock until it does (held longer, never
+        shorter), and the release stands (journaled)."""
+        answer = await replied
+        closed = self.closing.get(lease)
+        if closed is not None:
+            with contextlib.suppress(LimitExceeded, OSError):
+                await asyncio.shield(closed)
+        return answer
 
     def detach(self, fn: Callable[[], object]) -> None:
         """``fn()`` in the thread, nobody waiting (a close after a release was journaled)."""

@@ -46,7 +46,7 @@ from typing import Any
 
 import gluster_harness as gh
 import libvirt_harness as lh
-from e2e import Conn, is_free, wait_until
+from e2e import Conn, ConnectionLost, is_free, wait_until
 
 IMAGES = "/var/lib/libvirt/images"
 LEASES = f"{IMAGES}/leases"
@@ -246,6 +246,7 @@ class Samples:
     tables: list[tuple[float, str, int | None]] = field(default_factory=list)
     kernel: list[tuple[float, bool]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    gaps: int = 0  # table queries that found no lockd answering
 
     def both_held(self) -> list[tuple[float, float, float]]:
         """Moments that prove two holders: host X held token t at s1 and still t at s3 (so
@@ -313,13 +314,26 @@ class Sampler:
     def _run(self) -> None:
         hosts = (self.cluster.a, self.cluster.b) if self.tables else ()
         probe_path = self.cluster.a.lease_file(self.disk)
+        conns: dict[str, Conn] = {}
         try:
-            with contextlib.ExitStack() as stack:
-                conns = [(h.name, stack.enter_context(Conn(h.sm.admin_socket))) for h in hosts]
-                while not self._stop.is_set():
-                    for name, conn in conns:
-                        self.samples.tables.append((time.monotonic(), name, self._token(conn)))
-                    with contextlib.suppress(OSError):
-                        self.samples.kernel.append((time.monotonic(), is_free(probe_path)))
+            while not self._stop.is_set():
+                for h in hosts:
+                    try:
+                        if h.name not in conns:
+                            conns[h.name] = Conn(h.sm.admin_socket, timeout=5)
+                        token = self._token(conns[h.name])
+                    except (OSError, ConnectionLost):
+                        # that lockd died (a test kills it): no sample until it answers again
+                        # (a missing sample never makes two holders, see Samples.both_held)
+                        if h.name in conns:
+                            conns.pop(h.name).close()
+                        self.samples.gaps += 1
+                        continue
+                    self.samples.tables.append((time.monotonic(), h.name, token))
+                with contextlib.suppress(OSError):
+                    self.samples.kernel.append((time.monotonic(), is_free(probe_path)))
         except Exception as exc:  # reported by the test, which asserts there are none
             self.samples.errors.append(repr(exc))
+        finally:
+            for conn in conns.values():
+                conn.close()
