@@ -13,7 +13,9 @@ Facts this harness is built on (found by running GlusterFS 10.3 here, and in its
 
 - Port 24007 (glusterd's management port) is fixed: one bed per machine at a time.
   :func:`unavailable` says why a bed cannot run (not root, no /dev/fuse, packages missing,
-  the port taken and by whom), for a clean skip; nothing is started then.
+  the port taken and by whom), for a clean skip; nothing is started then. A bed in a
+  :class:`PrivateNet` (network and mount namespaces of its own) has the port to itself and
+  writes nothing of the host: tests/cluster_harness.py runs its storage so.
 - The CLI refuses ``localhost`` / 127.0.0.1 as a brick host; a name that merely resolves to a
   local address is accepted (``$(hostname)`` here, through /etc/hosts). :func:`brick_host`
   picks the host name, or the first non-loopback address of the machine.
