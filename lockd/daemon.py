@@ -38,7 +38,7 @@ from typing import Any
 
 import fasteners
 
-from lockd import __version__, failpoint, handover, notify, ofd, sharedfs
+from lockd import __version__, failpoint, handover, notify, sharedfs, sharedio
 from lockd.config import Config, ConfigError, load
 from lockd.errors import JournalError, LimitExceeded
 from lockd.journal import Journal, JournalUnreadable
@@ -201,8 +201,11 @@ class Daemon:
         # No collections while recovery builds the lease table: every object it makes lives
         # on (a full collection would walk all of them, more than once for 10,000 leases)
         gc.disable()
+        # lockspaces on shared storage: their lease files are touched in a thread of their
+        # own, with a bound, from recovery on (a mount that does not answer stalls nobody)
+        workers = sharedfs.storage_workers(self.config, lockspaces, loop)
         try:
-            outcome = recover(journal, lockspaces, stored)
+            outcome = recover(journal, lockspaces, stored, workers)
         except JournalError as exc:  # ENOSPC, EIO: nothing can be granted; say so and stop
             raise Fatal(f"cannot write the journal {self.config.journal_path}: {exc}") from None
         except LimitExceeded:
@@ -216,13 +219,16 @@ class Daemon:
                 fdstore.add(lease.fdname, lease.fd)  # before anything is served
         for name, fd in stored.items():  # strays: released, or of a dead owner
             fdstore.remove(name)
-            ofd.unlock_and_close(fd)
+            sharedfs.close_stray(fd, workers)
         commit = GroupCommit(journal, loop)
         commit.last_token = outcome.last_token
         service = LockService(
             self.config, journal, commit, lockspaces, outcome.table, fdstore, loop
         )
         service.counters.lost = outcome.report.lost
+        service.shared_io.update(workers)
+        for lease in outcome.pending:  # their storage did not answer: locked once it does
+            sharedio.retake_in_background(service, lease)
         # indirect lockspaces on shared storage: refuse mounts that drop locks silently, and
         # verify the leases held there on a timer (lockd/sharedfs.py)
         verifier = sharedfs.Verifier(self.config, service)

@@ -24,6 +24,7 @@ listen backlog; nobody sees a half-recovered table.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lockd import failpoint, ofd, process
-from lockd.errors import InvalidResource, PermissionDenied, ResourceBusy
+from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
 from lockd.journal import (
     Journal,
     Write,
@@ -43,6 +44,7 @@ from lockd.journal import (
 )
 from lockd.leases import Event, Lease, LeaseTable, Owner, State
 from lockd.lockspace import DIRECT, Lockspaces, direct_key
+from lockd.sharedio import StorageWorker
 
 log = logging.getLogger("lockd")
 EXCLUSIVE, SHARED = "exclusive", "shared"
@@ -75,6 +77,9 @@ class Outcome:
     last_token: int
     # owners with lost leases, to fence once the event loop runs
     to_fence: dict[str, list[Lease]]
+    # leases whose shared storage did not answer in time: re-taken in the background
+    # (lockd/sharedio.py), recovering meanwhile
+    pending: list[Lease]
 
 
 def _owner(row: dict[str, Any]) -> Owner:
@@ -113,9 +118,18 @@ def _adopt(fd: int, lease: Lease) -> bool | str:
     return True
 
 
-def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) -> Outcome:
+def recover(
+    journal: Journal,
+    lockspaces: Lockspaces,
+    stored: dict[str, int],
+    workers: dict[str, StorageWorker] | None = None,
+) -> Outcome:
     """Rebuild the lease table from the journal. ``stored``: FDNAME -> fd from the fd store;
-    the fds used are removed from it, the rest are strays for the caller to close."""
+    the fds used are removed from it, the rest are strays for the caller to close.
+    ``workers``: the lockspaces on shared storage, whose lease files are touched only in
+    their own thread, with a bound (lockd/sharedio.py): a stored fd whose check does not
+    answer is adopted unchecked (the verifier probes it once the loop runs); a lease that
+    must be locked again and cannot be in time stays recovering (``Outcome.pending``)."""
     t0 = time.monotonic()
     report = Report(at=time.time())
     boot = process.boot_id()
@@ -143,6 +157,7 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     owners = {row["uuid"]: _owner(row) for row in snap.owners}
     alive = {u: process.is_same_process(o.pid, o.start_time, o.boot_id) for u, o in owners.items()}
     to_fence: dict[str, list[Lease]] = {}
+    pending: list[Lease] = []
     first_retake = True
     # the row's columns: journal.LEASE_COLUMNS
     for token, uuid, ls, rkey, resource, path, mode, state, at, fdname in snap.leases:
@@ -177,7 +192,22 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
             if fd is not None:
                 stored[lease.fdname] = fd
             continue
-        adopted = _adopt(fd, lease) if fd is not None else False
+        worker = workers.get(ls) if workers else None
+        if fd is None:
+            adopted: bool | str = False
+        elif worker is None:
+            adopted = _adopt(fd, lease)
+        else:
+            try:
+                adopted = worker.call_sync(functools.partial(_adopt, fd, lease))
+            except LimitExceeded as exc:
+                log.warning(
+                    "lease on %s adopted unchecked: %s",
+                    lease.resource,
+                    exc,
+                    extra={"LOCKD_RESOURCE": lease.resource, "LOCKD_EVENT": "storage-timeout"},
+                )
+                adopted = True
         if adopted is True:
             lease.fd = fd
             lease.apply(Event.ADOPT)
@@ -188,10 +218,27 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
                 stored[lease.fdname] = fd
             reason = adopted or None
             if reason is None:
+                args = (lease.lockspace, lease.resource, lease.rkey, lease.exclusive, lease.path)
                 try:
-                    locked = lockspaces.lock(
-                        lease.lockspace, lease.resource, lease.rkey, lease.exclusive, lease.path
+                    if worker is None:
+                        locked = lockspaces.lock(*args)
+                    else:
+                        locked = worker.call_sync(
+                            functools.partial(lockspaces.lock, *args),
+                            lambda got: ofd.unlock_and_close(got.fd),
+                        )
+                except LimitExceeded as exc:
+                    if worker is None or exc.parameters.get("limit") != "shared-storage-timeout":
+                        raise
+                    log.warning(
+                        "lease on %s re-taken once its storage answers: %s",
+                        lease.resource,
+                        exc,
+                        extra={"LOCKD_RESOURCE": lease.resource, "LOCKD_EVENT": "storage-timeout"},
                     )
+                    pending.append(lease)
+                    table.add(lease)
+                    continue
                 except (ResourceBusy, InvalidResource, PermissionDenied) as exc:
                     # (LimitExceeded, out of fds, is not a loss: it propagates and the daemon
                     # stops with the journal untouched, to be recovered with a higher limit)
@@ -246,4 +293,4 @@ def recover(journal: Journal, lockspaces: Lockspaces, stored: dict[str, int]) ->
     writes.append(set_meta("last_token", str(last_token)))
     journal.commit(writes)
     report.duration_ms = (time.monotonic() - t0) * 1000
-    return Outcome(table, report, last_token, to_fence)
+    return Outcome(table, report, last_token, to_fence, pending)

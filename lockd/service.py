@@ -90,6 +90,7 @@ from lockd.lockspace import DIRECT, Lockspaces
 from lockd.metrics import Counters
 from lockd.notify import FdStore
 from lockd.owners import Owners
+from lockd.sharedio import StorageWorker
 
 log = logging.getLogger("lockd")
 
@@ -171,6 +172,9 @@ class LockService(Owners):
         # called with (name, directory) before a named lockspace is added, and when an
         # existing one is asked for again; raises to refuse it (lockd/sharedfs.py)
         self.admit_lockspace: Callable[[str, str], None] | None = None
+        # lockspace -> the thread its blocking file operations run in: those on shared
+        # storage, which can stop answering (lockd/sharedio.py; filled by lockd/sharedfs.py)
+        self.shared_io: dict[str, StorageWorker] = {}
 
     # -- owner death (the rest of an owner's life: lockd/owners.py) ------------------------
     async def owner_died(self, owner: Owner, reason: str) -> None:
@@ -202,7 +206,7 @@ class LockService(Owners):
         for lease in leases:
             lease.apply(Event.COMMITTED)
             self._drop(lease)
-            self._settle(lease)
+            self.settle(lease)
         log.info(
             "owner %s pid %d died: released %d leases",
             owner.name,
@@ -307,16 +311,38 @@ class LockService(Owners):
             )
             if current != token:
                 raise TokenMismatch(expected=token, current=current)
-        if ls != DIRECT and self.admit_indirect is not None:
-            self.admit_indirect(ls)
+        worker = None
+        if ls != DIRECT:
+            if self.admit_indirect is not None:
+                self.admit_indirect(ls)
+            worker = self.shared_io.get(ls)
         failpoint.hit("acquire.before-lock")
+        if worker is not None:  # shared storage: off the event loop, with a bound
+            worker.acquire(self, (owner, lockspace, resource, mode, token, peer), ls, rkey, done)
+            return None
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check, seen=seen)
         except ResourceBusy:
-            self.counters.conflicts += 1
-            raise ResourceBusy(
-                f"{resource} is busy", lockspace=ls, resource=resource, mode=mode
-            ) from None
+            raise self.busy(ls, resource, mode) from None
+        self.grant(owner, ls, resource, rkey, mode, locked, done)
+        return None
+
+    def busy(self, ls: str, resource: str, mode: str) -> ResourceBusy:
+        self.counters.conflicts += 1
+        return ResourceBusy(f"{resource} is busy", lockspace=ls, resource=resource, mode=mode)
+
+    def grant(
+        self,
+        owner: Owner,
+        ls: str,
+        resource: str,
+        rkey: str,
+        mode: str,
+        locked: ofd.Locked,
+        done: Done,
+    ) -> None:
+        """A lock taken: its lease, parked in the fd store, journaled (DESIGN §4 rule 1);
+        ``done(lease, None)`` once the grant is journaled."""
         failpoint.hit("acquire.after-lock")
         new_token = self.commit.next_token()
         # the file that carries the lock, symlinks resolved: recovery locks it again there
@@ -338,20 +364,14 @@ class LockService(Owners):
                 self.fdstore.add(lease.fdname, locked.fd)
             except OSError as exc:  # not parked in the fd store: nothing was granted
                 self._acquired(lease, exc)
-        self.commit.add(
-            grant_writes(lease),
-            self._acquired,
-            lease,
-            done,
-        )
-        return None
+        self.commit.add(grant_writes(lease), self._acquired, lease, done)
 
     def _acquired(self, lease: Lease, error: Exception | None) -> Lease:
         """After the grant's commit (or its failure: then nothing was granted)."""
         if error is not None:
             lease.apply(Event.FAILED)
             self._drop(lease)
-            self._settle(lease)
+            self.settle(lease)
             if isinstance(error, OSError) and not isinstance(error, LockdError):
                 raise JournalError(
                     f"the fd store refused the lease fd: {error}", reason=str(error)
@@ -361,7 +381,7 @@ class LockService(Owners):
         if lease.settled is self.in_flight:  # nobody waits for it (the usual case)
             lease.settled = None
         else:
-            self._settle(lease)
+            self.settle(lease)
         self.counters.grants += 1
         if log.isEnabledFor(logging.DEBUG):
             _log_lease("acquired %s %s token %d", lease, "acquire")
@@ -434,11 +454,11 @@ class LockService(Owners):
         lease.apply(Event.RELEASE)
         lease.settled = self.in_flight
         failpoint.hit("release.before-commit")
+        worker = self.shared_io.get(lease.lockspace) if lease.lockspace != DIRECT else None
+        if worker is not None:  # the reply waits for the unlock in the storage thread
+            done = worker.after_close(lease, done)
         self.commit.add(
-            end_writes(lease, event, reason),
-            self._released,
-            (lease, event, reason),
-            done,
+            end_writes(lease, event, reason), self._released, (lease, event, reason), done
         )
 
     def _released(
@@ -449,7 +469,7 @@ class LockService(Owners):
         lease, event, reason = step
         if error is not None:
             lease.apply(Event.FAILED)
-            self._settle(lease)
+            self.settle(lease)
             raise error
         lease.apply(Event.COMMITTED)
         if event == "release":
@@ -462,7 +482,7 @@ class LockService(Owners):
         if lease.settled is self.in_flight:  # nobody waits for it (the usual case)
             lease.settled = None
         else:
-            self._settle(lease)
+            self.settle(lease)
         if log.isEnabledFor(logging.DEBUG):
             _log_lease("released %s %s token %d", lease, event)
         if event != "release":
@@ -571,9 +591,8 @@ class LockService(Owners):
         self.counters.lost += 1
         if lease.fd is not None:  # journaled first: a crash here leaves a stray stored fd
             self.fdstore.remove(lease.fdname)
-            ofd.unlock_and_close(lease.fd)
-            lease.fd = None
-        self._settle(lease)
+            self._close(lease)
+        self.settle(lease)
         log.error(
             "lease on %s of owner %s lost: %s",
             lease.resource,
@@ -624,12 +643,22 @@ class LockService(Owners):
         if lease.fd is not None:
             if self.fdstore.enabled:
                 self.fdstore.remove(lease.fdname)
-            ofd.unlock_and_close(lease.fd)
-            lease.fd = None
+            self._close(lease)
         self.table.remove(lease)
         self.fdnames.give_back(lease.fdname)
 
-    def _settle(self, lease: Lease) -> None:
+    def _close(self, lease: Lease) -> None:
+        """Unlock and close the lease's fd: in its lockspace's storage thread if it has one
+        (a close on a mount that does not answer waits as long as a lock would)."""
+        fd, lease.fd = lease.fd, None
+        worker = self.shared_io.get(lease.lockspace) if lease.lockspace != DIRECT else None
+        if worker is not None and fd is not None:
+            worker.close(lease, fd)
+        elif fd is not None:
+            ofd.unlock_and_close(fd)
+
+    def settle(self, lease: Lease) -> None:
+        """The lease's commit in flight is over: wake whoever waits for it."""
         fut, lease.settled = lease.settled, None
         if fut is not self.in_flight and fut is not None and not fut.done():
             fut.set_result(None)

@@ -69,9 +69,9 @@ the client's locks, and another host takes the resource. Three things here:
 
    A loss takes the one lost path (:meth:`LockService.lease_lost`): HELD -> LOST, journaled
    with an event, the fd closed, Watch told, the owner fenced by its policy. GETLK never
-   takes a lock, so a probe never changes what it looks at. (Acquire and release on that
-   storage are still system calls on the event loop: while it does not answer, they block
-   lockd, up to the client's own timeout: GlusterFS's network.ping-timeout, 42 s by default.)
+   takes a lock, so a probe never changes what it looks at. Acquire and release there run
+   in the lockspace's own thread, with a bound (:class:`lockd.lockspace.StorageWorker`,
+   registered here for every lockspace classified shared).
 
 Invariants: a local lockspace is never probed; a lease is probed only while it is HELD with
 no commit in flight, and nothing closes its fd during the probe (it is marked busy); a lease
@@ -95,9 +95,11 @@ from typing import TypeVar
 
 from lockd import ofd
 from lockd.config import Config
-from lockd.errors import InvalidResource
+from lockd.errors import InvalidResource, LimitExceeded
 from lockd.leases import Lease, State
+from lockd.lockspace import Lockspaces
 from lockd.service import LockService
+from lockd.sharedio import StorageWorker
 
 log = logging.getLogger("lockd")
 T = TypeVar("T")
@@ -217,14 +219,53 @@ def mount_of(directory: str, mountinfo: str | None = None) -> Mount | None:
             # from its server); an ancestor's device would name the wrong filesystem
             break
 
-    def under(m: Mount) -> bool:
-        return path == m.mountpoint or path.startswith(m.mountpoint.rstrip("/") + "/")
-
-    candidates = [m for d, m in mounts if d == dev and under(m)] or [
-        m for _, m in mounts if under(m)
+    candidates = [m for d, m in mounts if d == dev and _under(path, m)] or [
+        m for _, m in mounts if _under(path, m)
     ]
     # the innermost mount; of equal ones, the last mounted (it hides the others)
     return max(candidates, key=lambda m: len(m.mountpoint), default=None)
+
+
+def _under(path: str, m: Mount) -> bool:
+    return path == m.mountpoint or path.startswith(m.mountpoint.rstrip("/") + "/")
+
+
+def is_shared(fstype: str) -> bool:
+    return fstype in SHARED_FSTYPES or fstype.startswith("fuse.")
+
+
+def storage_workers(
+    config: Config, lockspaces: Lockspaces, loop: asyncio.AbstractEventLoop
+) -> dict[str, StorageWorker]:
+    """A :class:`StorageWorker` for every lockspace on shared storage by its directory's name
+    alone (the innermost mount in mountinfo that holds it, compared as strings) or by the
+    configuration: found without a system call on the mount, which may not answer. Made
+    before recovery touches a lease file; the verifier adds any it finds shared later (a
+    directory reached through a symlink)."""
+    directories = {**config.lockspaces, **lockspaces.named}
+    try:
+        mounts = [m for _, m in parse_mountinfo(Path("/proc/self/mountinfo").read_text())]
+    except OSError:
+        mounts = []
+    out = {}
+    for ls, directory in directories.items():
+        path = os.path.normpath(directory)
+        inner = max((m for m in mounts if _under(path, m)), key=lambda m: len(m.mountpoint),
+                    default=None)  # fmt: skip
+        if ls in config.shared_lockspaces or (inner is not None and is_shared(inner.fstype)):
+            out[ls] = StorageWorker(ls, loop, path)
+    return out
+
+
+def close_stray(fd: int, workers: dict[str, StorageWorker]) -> None:
+    """Unlock and close a stored fd that no lease claims: in the thread of the shared
+    lockspace its file is in, if any (a close there waits as long as a lock would)."""
+    path = ofd.real_path(fd) or ""
+    for worker in workers.values():
+        if path.startswith(worker.directory + "/"):
+            worker.detach(functools.partial(ofd.unlock_and_close, fd))
+            return
+    ofd.unlock_and_close(fd)
 
 
 def gluster_strict_locks(mountpoint: str) -> tuple[bool | None, str]:
@@ -282,7 +323,7 @@ def classify(lockspace: str, directory: str, forced_shared: bool = False) -> Sto
     if mount is None:
         return Storage(lockspace, directory, None, forced_shared, detail="mount not found")
     fstype = mount.fstype
-    shared = forced_shared or fstype in SHARED_FSTYPES or fstype.startswith("fuse.")
+    shared = forced_shared or is_shared(fstype)
     storage = Storage(lockspace, directory, mount, shared, unsafe=local_locks(mount))
     if fstype == GLUSTER_FSTYPE:
         strict, detail = gluster_strict_locks(mount.mountpoint)
@@ -354,7 +395,17 @@ class Verifier:
         return ls in self.config.allow_unsafe_storage
 
     def _classify(self, ls: str, directory: str, when: str = "start") -> Storage:
-        new = classify(ls, directory, ls in self.config.shared_lockspaces)
+        forced = ls in self.config.shared_lockspaces
+        worker = self.service.shared_io.get(ls)
+        if worker is None:
+            new = classify(ls, directory, forced)
+        else:  # shared by its name: the mount may not answer (lockd/sharedio.py)
+            try:
+                new = worker.call_sync(functools.partial(classify, ls, directory, forced))
+            except LimitExceeded as exc:
+                new = Storage(ls, directory, None, True, detail=str(exc))
+        if new.shared and ls not in self.service.shared_io:  # its file operations off the loop
+            self.service.shared_io[ls] = StorageWorker(ls, self.loop)
         if new.unsafe:
             self._unsafe(new, when)
         elif new.shared:

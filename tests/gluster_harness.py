@@ -13,7 +13,9 @@ Facts this harness is built on (found by running GlusterFS 10.3 here, and in its
 
 - Port 24007 (glusterd's management port) is fixed: one bed per machine at a time.
   :func:`unavailable` says why a bed cannot run (not root, no /dev/fuse, packages missing,
-  the port taken and by whom), for a clean skip; nothing is started then.
+  the port taken and by whom), for a clean skip; nothing is started then. A bed in a
+  :class:`PrivateNet` (network and mount namespaces of its own) has the port to itself and
+  writes nothing of the host: tests/cluster_harness.py runs its storage so.
 - The CLI refuses ``localhost`` / 127.0.0.1 as a brick host; a name that merely resolves to a
   local address is accepted (``$(hostname)`` here, through /etc/hosts). :func:`brick_host`
   picks the host name, or the first non-loopback address of the machine.
@@ -89,8 +91,9 @@ def brick_host() -> str | None:
     return None
 
 
-def unavailable() -> str | None:
-    """Why a bed cannot run here, or None if it can."""
+def unavailable(private_net: bool = False) -> str | None:
+    """Why a bed cannot run here, or None if it can (``private_net``: the bed runs in a
+    :class:`PrivateNet` of its own, where port 24007 is its own)."""
     if os.geteuid() != 0:
         return "needs root (FUSE mounts, a brick with trusted.* xattrs)"
     if not os.path.exists("/dev/fuse"):
@@ -98,6 +101,8 @@ def unavailable() -> str | None:
     for tool in TOOLS:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (Debian packages: {PACKAGES}, iproute2)"
+    if private_net:
+        return None if shutil.which("ip") else "ip is not installed (Debian package: iproute2)"
     owner = port_owner(GLUSTERD_PORT)
     if owner is not None:
         return (
@@ -154,11 +159,59 @@ def answers(path: Path) -> bool:
     return True
 
 
+# tmpfs mounts over these in a PrivateNet: glusterd writes there whatever it is told
+PRIVATE_DIRS = ("/var/log/glusterfs", "/var/lib/glusterd", "/run/gluster")
+
+
+class PrivateNet:
+    """A network and a mount namespace of their own for glusterd and its brick: port 24007
+    and the brick ports are theirs alone (other beds on the machine run beside), and the
+    hard-coded directories (:data:`HARD_CODED_DIRS`) are tmpfs mounts there, so nothing of
+    the host is written. A ``sleep`` holds the namespaces; :meth:`wrap` runs a command in
+    them. Hosts reach it over links the caller makes (``ip`` in it, :meth:`ip`)."""
+
+    def __init__(self) -> None:
+        mounts = "".join(f"mount -t tmpfs -o mode=755,size=64m lkd-gl {d}; " for d in PRIVATE_DIRS)
+        self.proc = subprocess.Popen(
+            ["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-ec",
+             f"{mounts}ip link set lo up; echo ready; exec sleep infinity"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise BedError(f"private namespaces for glusterd did not start: {line!r}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wrap(self, *argv: str) -> list[str]:
+        # nsenter enters net and mount namespaces without forking: the pid is the command's
+        return ["nsenter", f"--net=/proc/{self.pid}/ns/net", f"--mount=/proc/{self.pid}/ns/mnt",
+                "--", *argv]  # fmt: skip
+
+    def ip(self, *args: str) -> str:
+        out = subprocess.run(self.wrap("ip", *args), capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise BedError(f"ip {' '.join(args)}: {out.stderr}")
+        return out.stdout
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
 class GlusterBed:
     """One private glusterd, one volume, mounted at ``mount("a")`` and ``mount("b")``.
 
     ``options``: volume options set before the volume starts (so both mounts build their
-    client graph with them), e.g. ``{"client.strict-locks": "on"}``.
+    client graph with them), e.g. ``{"client.strict-locks": "on"}``. ``net``: run glusterd,
+    the brick and these mounts' clients in a :class:`PrivateNet`, the brick on ``host`` (an
+    address of it); then the bed needs no free port and writes nothing of the host, and
+    its clients are the caller's to mount (in namespaces that reach ``host``).
     """
 
     def __init__(
@@ -167,12 +220,17 @@ class GlusterBed:
         options: dict[str, str] | None = None,
         mounts: tuple[str, ...] = ("a", "b"),
         workdir: str | os.PathLike[str] | None = None,
+        net: PrivateNet | None = None,
+        host: str | None = None,
     ) -> None:
         self.volume = volume
+        self.net = net
+        if net is not None and mounts:
+            raise ValueError("a bed in a PrivateNet mounts no client itself: mounts=()")
         self.options = dict(options or {})
         self.names = mounts
         self.w = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lkd-gl.", dir="/tmp"))
-        self.host = brick_host() or ""
+        self.host = host or brick_host() or ""
         self.glusterd: subprocess.Popen[bytes] | None = None
         self.brick_pid: int | None = None
         self.brick_port = 0
@@ -190,9 +248,13 @@ class GlusterBed:
         return self.w / "log"
 
     # -- the CLI -------------------------------------------------------------------------
+    def cmd(self, *argv: str) -> list[str]:
+        """``argv`` as the bed runs it (in its PrivateNet, if it has one)."""
+        return self.net.wrap(*argv) if self.net is not None else list(argv)
+
     def gluster(self, *args: str, check: bool = True) -> str:
-        argv = ["gluster", "--mode=script", f"--glusterd-sock={self.w}/run/glusterd.socket",
-                f"--log-file={self.log_dir}/cli.log", *args]  # fmt: skip
+        argv = self.cmd("gluster", "--mode=script", f"--glusterd-sock={self.w}/run/glusterd.socket",
+                        f"--log-file={self.log_dir}/cli.log", *args)  # fmt: skip
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if check and out.returncode != 0:
             raise BedError(f"gluster {' '.join(args)}: {out.stdout}{out.stderr}")
@@ -205,7 +267,7 @@ class GlusterBed:
 
     # -- life cycle ----------------------------------------------------------------------
     def __enter__(self) -> GlusterBed:
-        reason = unavailable()
+        reason = unavailable(private_net=self.net is not None)
         if reason is not None:
             raise BedError(f"cannot run a GlusterFS bed here: {reason}")
         try:
@@ -232,7 +294,8 @@ class GlusterBed:
             (self.w / sub).mkdir(parents=True, exist_ok=True)
         for name in self.names:
             self.mount(name).mkdir(parents=True, exist_ok=True)
-        self._before = self._snapshot()
+        if self.net is None:  # (a PrivateNet's glusterd writes only to its own tmpfs)
+            self._before = self._snapshot()
         vol = self.w / "glusterd.vol"
         vol.write_text(
             "volume management\n"
@@ -250,15 +313,15 @@ class GlusterBed:
         )
         with open(self.log_dir / "glusterd.out", "wb") as out:
             self.glusterd = subprocess.Popen(
-                [
+                self.cmd(
                     "glusterd",
                     "-N",
                     "-f",
                     str(vol),
-                    f"--log-file={self.log_dir}/glusterd.log",
                     "-p",
                     f"{self.w}/run/glusterd.pid",
-                ],  # fmt: skip
+                    f"--log-file={self.log_dir}/glusterd.log",
+                ),  # fmt: skip
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -269,21 +332,8 @@ class GlusterBed:
         while True:
             if self.glusterd.poll() is not None:
                 raise BedError(f"glusterd exited {self.glusterd.returncode}\n{self.tail()}")
-            if (
-                subprocess.run(
-                    [
-                        "gluster",
-                        "--mode=script",
-                        f"--glusterd-sock={self.w}/run/glusterd.socket",
-                        f"--log-file={self.log_dir}/cli.log",
-                        "volume",
-                        "list",
-                    ],  # fmt: skip
-                    capture_output=True,
-                    timeout=60,
-                ).returncode
-                == 0
-            ):
+            with contextlib.suppress(BedError):
+                self.gluster("volume", "list")
                 break
             if time.monotonic() > deadline:
                 raise BedError(f"glusterd did not answer within 60 s\n{self.tail()}")

@@ -266,7 +266,7 @@ class LibvirtHost:
         self.write_conf("qemu-lockd.conf", QEMU_LOCKD_CONF)
         self.write_conf("libvirtd.conf", LIBVIRTD_CONF)
         self.write_conf("virtlockd.conf", VIRTLOCKD_CONF)
-        self.img.mkdir(exist_ok=True)
+        self.path(str(self.img)).mkdir(parents=True, exist_ok=True)
 
     def write_conf(self, name: str, text: str) -> None:
         (self.root / "etc/libvirt" / name).write_text(text)
@@ -300,10 +300,11 @@ class LibvirtHost:
     def _define(self) -> None:
         for name, spec in self.wanted.items():
             disks = tuple(self.img / f for f in spec.disks)
-            for disk in disks:
-                if not disk.exists():
-                    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk),
-                                    f"{DISK_MIB}M"], check=True, timeout=60)  # fmt: skip
+            for disk in disks:  # made through the container (a mount of its own may hold them)
+                if not self.path(str(disk)).exists():
+                    subprocess.run(["qemu-img", "create", "-q", "-f", "raw",
+                                    str(self.path(str(disk))), f"{DISK_MIB}M"], check=True,
+                                   timeout=60)  # fmt: skip
             xml = self.sm.shared / f"{name}.xml"
             xml.write_text(domain_xml(name, spec.uuid, disks, spec.shareable))
             self.virsh("define", str(xml), check=True)
