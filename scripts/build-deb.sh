@@ -19,16 +19,8 @@ for pkg in debhelper dpkg-dev fakeroot python3.11 python3.11-venv python3-pip py
     libsystemd-dev pkg-config gcc lintian; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
-if [ -n "$need" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "deb: missing Debian packages:$need (run as root, or apt-get install them)" >&2
-        exit 1
-    fi
-    echo "deb: installing$need"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        -o DPkg::Lock::Timeout=300 $need >/dev/null
-fi
+# shellcheck disable=SC2086 # one word a package
+sh scripts/apt-install.sh deb $need
 
 # a clean copy of what git tracks (plus new files not yet committed), never the venv or caches
 B=$(mktemp -d "${TMPDIR:-/tmp}/lockd-deb.XXXXXX")

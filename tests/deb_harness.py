@@ -3,8 +3,8 @@
 - :func:`built` -- ``make deb``'s script (``scripts/build-deb.sh``) run on this checkout,
   twice: as ``lockd.__version__`` and as a higher version (``+test1``), the upgrade's
   package. Both go to ``build/deb/<hash of the tracked sources>/``, so a second test run on an
-  unchanged tree builds nothing (a fresh build of both takes about a minute; lintian is left
-  to ``make deb``).
+  unchanged tree builds nothing (both builds, side by side: 79 s measured with a warm pip
+  cache; lintian is left to ``make deb``).
 - :class:`PackageHost` -- :class:`sd_harness.SystemManager` (systemd 252 as PID 1 in private
   namespaces) with ``OVERLAY=1``: ``/usr`` and ``/var`` are overlays of the host's, so ``dpkg``
   and ``apt-get`` install, upgrade, remove and purge for real while the host's dpkg database,
@@ -71,6 +71,9 @@ def built() -> tuple[Path, Path]:
     for version, proc in runs.items():
         log, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"make deb ({version}) failed:\n{log}"
+    for stale in BUILD.glob("?" * 16):  # the packages of trees that are gone
+        if stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
     old, new = (sorted(out.glob(f"lockd_{v}_*.deb"))[0] for v in versions)
     return old, new
 

@@ -9,9 +9,10 @@ previous one left, as an administrator's session would: the packaged sockets sta
 by an :class:`sd_harness.Observer`, a separate process that probes byte 0 of every lease
 file over and over and counts each moment it found one free.
 
-Time: about 35 s on an unchanged tree (the packages are cached in build/deb/<hash>/); a tree
-never built before adds the two builds (about 30 s side by side with a warm pip cache, about
-a minute from nothing). Figures are printed at the end.
+Time: 134 s measured (the machine busy with other work; most of it apt and dpkg runs and
+the observer's sweeps) when the packages are cached in build/deb/<hash>/; a tree never built
+before adds the two builds (79 s side by side with a warm pip cache, more from nothing).
+Figures are printed at the end.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def apt_observed(
     host: dh.PackageHost, files: list[str], *args: str, env: str = ""
 ) -> tuple[Any, sd.Observation, float]:
     """``apt-get ARGS`` inside while an observer sweeps ``files``; (result, what was seen,
-    seconds)."""
-    with sd.Observer(files) as obs:
+    seconds). A sweep every 10 ms, not the default 2: a sweep of 1,000 files takes about as
+    long, and apt and dpkg need the machine's second core more than the observer does."""
+    with sd.Observer(files, interval=0.01) as obs:
         time.sleep(0.05)
         t0 = time.monotonic()
         out = host.apt(*args, env=env, check=False)
@@ -160,8 +162,9 @@ def test_upgrade_reexecutes_with_every_lock_kept(
     now = tokens(host)
     assert {r: t for r, (t, _) in now.items()} == taken
     assert {c for _, c in now.values()} == {"kept"}
-    info = host.run_inside("lockctl", "status").stdout
-    assert new.name.split("_")[1] in info
+    assert new.name.split("_")[1] in host.run_inside("lockctl", "status").stdout
+    with host.client() as c:  # org.varlink.service.GetInfo on the main socket
+        assert c.get_info()["version"] == after["version"]
 
 
 def test_library_updates_reexec_lockd_never_restart_it(
@@ -189,8 +192,11 @@ def test_library_updates_reexec_lockd_never_restart_it(
         assert after["pid"] == before["pid"] and after["leases"] == N
         assert after["started_at"] != before["started_at"], log  # a new image: re-executed
         assert "lockd re-executed in place" in log, log
-        if what == "needrestart":
-            assert "/etc/needrestart/restart.d/lockd.service" in log, log
+        hook_ran = "/etc/needrestart/restart.d/lockd.service" in log
+        if what == "trigger":  # re-executed by dpkg; needrestart then finds nothing for lockd
+            assert "Processing triggers for lockd" in log and not hook_ran, log
+        else:
+            assert hook_ran, log
     assert {c for _, c in tokens(host).values()} == {"kept"}
 
 
@@ -256,3 +262,13 @@ def test_remove_refuses_while_leases_are_held_then_purge(
     assert not (root / "var/lib/lockd").exists() and not (root / "etc/lockd").exists()
     host.apt("install", host.offer(new))
     assert host.status_inside()["leases"] == 0  # purged: a fresh journal
+
+
+def test_readme_libvirt_switch_on_the_packaged_install(host: dh.PackageHost) -> None:
+    """The README's switch from virtlockd to lockd and back, on the packaged install: the
+    drop-in from /usr/share/lockd, the packaged lockctl, the packaged units."""
+    from test_systemd import switch_debian_libvirt_host
+
+    switch_debian_libvirt_host(
+        host, "/usr/share/lockd/virtlockd.socket.d/50-lockd.conf", "/usr/bin/lockctl"
+    )
