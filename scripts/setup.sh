@@ -31,17 +31,8 @@ for pkg in glusterfs-server glusterfs-client; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
 command -v ss >/dev/null 2>&1 || need="$need iproute2"
-if [ -n "$need" ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "setup: missing Debian packages:$need (run as root, or apt-get install them)" >&2
-        exit 1
-    fi
-    echo "setup: installing$need"
-    apt-get update -qq
-    # another apt-get may hold dpkg's lock (a shared machine): wait for it instead of failing
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        -o DPkg::Lock::Timeout=300 $need >/dev/null
-fi
+# shellcheck disable=SC2086 # one word a package
+sh scripts/apt-install.sh setup $need
 
 if [ ! -x .venv/bin/python ]; then
     $PY -m venv .venv

@@ -837,19 +837,26 @@ def test_switching_a_debian_libvirt_host(system_manager: sd.SystemManager) -> No
     admin socket are masked, the project's drop-in hands virtlockd.socket to lockd, and lockd
     is restarted by systemd with the fd store kept; lockd answers on
     /run/libvirt/virtlockd-sock, also after libvirtd is restarted (it Requires= that socket);
-    and the switch back gives virtlockd the socket again while lockd keeps what it holds."""
+    and the switch back gives virtlockd the socket again while lockd keeps what it holds.
+    (tests/test_deb.py runs the same on the packaged install.)"""
+    dropin = sd.REPO / "systemd" / "virtlockd.socket.d" / "50-lockd.conf"
+    switch_debian_libvirt_host(
+        system_manager, str(dropin), str(Path(sys.executable).with_name("lockctl"))
+    )
+
+
+def switch_debian_libvirt_host(m: sd.SystemManager, dropin: str, lockctl: str) -> None:
+    """The body of the test above: ``dropin`` and ``lockctl`` are paths inside ``m``."""
     import uuid
 
     import vlharness as vl
 
     if not os.access(vl.VIRTLOCKD, os.X_OK):
         pytest.skip("virtlockd is not installed (libvirt-daemon)")
-    m = system_manager
     root = Path(f"/proc/{m.pid1}/root")
     vsock = root / VIRTLOCKD_SOCK
     for name, text in DEBIAN_UNITS.items():  # where a package's units would be (not /etc)
         (root / "run/systemd/system" / name).write_text(text)
-    dropin = sd.REPO / "systemd" / "virtlockd.socket.d" / "50-lockd.conf"
     files = sd.make_files(m.shared / "deb", 3)
     owner, pid = m.spawn_inside("sleep", "100000")  # a VM's QEMU
     other, other_pid = m.spawn_inside("sleep", "100000")  # a client of lockd's own socket
@@ -870,17 +877,12 @@ def test_switching_a_debian_libvirt_host(system_manager: sd.SystemManager) -> No
         assert lock(files[0], "vm").ok  # virtlockd.service starts and takes it
         assert m.prop("virtlockd.service", "ActiveState") == "active"
         assert vl.probe(files[0]) == "exclusive"
-        lockctl = str(Path(sys.executable).with_name("lockctl"))
         m.run_inside(lockctl, "acquire", files[2], "--pid", str(other_pid), "--name", "other")
         # -- the switch (docs/libvirt.md)
         sh("systemctl stop virtlockd.service virtlockd-admin.socket")
         assert vl.probe(files[0]) == "free"  # virtlockd's locks die with it
         sh("systemctl mask virtlockd.service virtlockd-admin.socket")
-        sh(
-            "install -D -m 0644",
-            str(dropin),
-            "/etc/systemd/system/virtlockd.socket.d/50-lockd.conf",
-        )
+        sh("install -D -m 0644", dropin, "/etc/systemd/system/virtlockd.socket.d/50-lockd.conf")
         sh("systemctl daemon-reload")
         old = m.main_pid()
         with sd.Observer([files[2]]) as obs:

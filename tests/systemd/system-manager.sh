@@ -12,6 +12,10 @@
 #      RO_BINDS="DIR ..."  host directories bound read-only at the same path (the project, its
 #                         virtual environment, the Python it was made from)
 #      BIND="DIR ..."      host directories bound read-write at the same path (test files)
+#      OVERLAY=1          a host whose package manager works (tests/test_deb.py): /usr and /var
+#                         are overlays of the host's (upper layers in WORKDIR/overlay, so dpkg
+#                         and apt write only there), not a read-only /usr and an empty /var;
+#                         the host's /etc/lockd, /var/lib/lockd and policy-rc.d are hidden
 #
 # Host safety, on top of the namespaces:
 #  * The container's cgroup tree is a sub-cgroup of our own (cgroup namespace); `stop` kills
@@ -60,7 +64,7 @@ start)
     # $CG/payload becomes the container's cgroup root; the waiting `unshare` parent is moved up
     # to $CG afterwards so the container's root cgroup holds only its own processes.
     mkdir -p "$CG2/$CG/payload"
-    export W CG UNITS TARGET SYSTEMD CG2 MASK BIN_DIR="${BIN_DIR:-}" RO_BINDS="${RO_BINDS:-}" BIND="${BIND:-}"
+    export W CG UNITS TARGET SYSTEMD CG2 MASK OVERLAY="${OVERLAY:-}" BIN_DIR="${BIN_DIR:-}" RO_BINDS="${RO_BINDS:-}" BIND="${BIND:-}"
     setsid /bin/sh -ec '
         echo $$ > "$CG2/$CG/payload/cgroup.procs"
         exec unshare --pid --fork --mount --uts --ipc --net --cgroup --propagation private -- \
@@ -98,7 +102,21 @@ _boot)  # inside the new namespaces, as PID 1: build the root, then exec systemd
     mkdir -p "$R"/{usr,proc,sys,dev,run,tmp,var,root,oldroot}
     chmod 1777 "$R/tmp"
     for l in bin lib lib64 sbin; do [ -e "/$l" ] && ln -s "usr/$l" "$R/$l"; done
-    mount --bind /usr "$R/usr"; mount -o remount,bind,ro "$R/usr"
+    if [ -n "$OVERLAY" ]; then
+        for d in usr var; do
+            mkdir -p "$W/overlay/$d" "$W/overlay/$d.work"
+            mount -t overlay "lockd-pid1-$d" \
+                -o "lowerdir=/$d,upperdir=$W/overlay/$d,workdir=$W/overlay/$d.work" "$R/$d"
+        done
+        rm -rf "$R/var/lib/lockd"   # a whiteout in the upper layer; the host's stays
+        # a container image's "start no service" policy (exit 101) is not a host's
+        rm -f "$R/usr/sbin/policy-rc.d"
+        # man-db's index, rebuilt after every dpkg run that ships a manual, is half of the
+        # time of installing lockd here (6 of 13 s) and not what the tests are about
+        rm -f "$R/var/lib/man-db/auto-update"
+    else
+        mount --bind /usr "$R/usr"; mount -o remount,bind,ro "$R/usr"
+    fi
     if [ -n "$BIN_DIR" ]; then
         mount --bind "$BIN_DIR" "$R/usr/local/bin"; mount -o remount,bind,ro "$R/usr/local/bin"
     fi
@@ -109,7 +127,7 @@ _boot)  # inside the new namespaces, as PID 1: build the root, then exec systemd
         mkdir -p "$R/$d"; mount --bind "$d" "$R/$d"
     done
     cp -a /etc "$R/etc"
-    rm -rf "$R/etc/systemd/system" "$R/etc/systemd/user" "$R/etc/machine-id"
+    rm -rf "$R/etc/systemd/system" "$R/etc/systemd/user" "$R/etc/machine-id" "$R/etc/lockd"
     mkdir -p "$R/etc/systemd/system" "$R/etc/systemd/system.conf.d"
     cp -a "$UNITS"/. "$R/etc/systemd/system/"
     ln -s "$TARGET" "$R/etc/systemd/system/default.target"
