@@ -8,7 +8,7 @@ C extensions from the same source, type-checked by ``mypy --strict`` as they are
 
     LOCKD_MYPYC=1 pip install --no-build-isolation .   # needs mypy (the [test] extra) and gcc
 
-``LOCKD_MYPYC_OPT`` sets mypyc's C optimization level (default 3; the build test uses 0).
+``LOCKD_MYPYC_OPT`` sets mypyc's C optimization level (default 3; 0 compiles ~3x faster).
 
 The other modules (the entry points, configuration, errors, the client) stay interpreted:
 ``python -m`` cannot run a compiled module, and exception classes must stay Python classes.

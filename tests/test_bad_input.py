@@ -20,6 +20,7 @@ import pytest
 from e2e import Conn, ConnectionLost, Daemon, Owners, make_files, module_daemon, probe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scale import size
 
 MAX_MESSAGE = 64 * 1024
 
@@ -342,8 +343,9 @@ message_st = st.one_of(
 )
 
 
+@pytest.mark.scale
 @settings(
-    max_examples=120,
+    max_examples=size(40, 120),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
