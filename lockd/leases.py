@@ -156,7 +156,8 @@ class Lease:
     fd: int | None = None
     # kept (fd adopted from the store) | retaken (locked again after a gap) | lost | new
     continuity: str = "new"
-    # set while a commit is in flight; done when the lease settles
+    # set while a commit is in flight (to LockService.in_flight, a marker, until somebody
+    # waits: then to a future of theirs, done when the lease settles); None once settled
     settled: asyncio.Future[None] | None = None
     # (when, why) the lease was lost, as journaled with its "lost" event; None while it is
     # not lost, or for a loss journaled before this daemon started until someone asks

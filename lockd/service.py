@@ -53,6 +53,7 @@ because any front end may use them (nothing here knows virtlockd's protocol):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -437,7 +438,8 @@ class LockService(Owners):
                 token=last["token"],
             )
         if lease.settled is not None:
-            self._after(lease, done, self.release_nowait, owner, lockspace, resource)
+            again = functools.partial(self.release_nowait, repeat=repeat)
+            self._after(lease, done, again, owner, lockspace, resource)
             return None
         self.release_lease_nowait(lease, "release", None, done)
         return None
