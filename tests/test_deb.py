@@ -121,6 +121,7 @@ def test_install_puts_lockd_where_debian_users_look(
     for path in ("usr/sbin/lockd", "usr/bin/lockctl", "usr/share/man/man8/lockd.8.gz",
                  "usr/share/man/man1/lockctl.1.gz", "usr/share/man/man5/lockd.conf.5.gz",
                  "usr/share/bash-completion/completions/lockctl", "usr/share/doc/lockd/README.md",
+                 "usr/share/doc/lockd/docs/architecture.md",
                  "etc/needrestart/restart.d/lockd.service"):  # fmt: skip
         assert (root / path).exists(), path
     unit = (root / "lib/systemd/system/lockd.service").read_text()
