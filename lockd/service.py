@@ -314,15 +314,15 @@ class LockService(Owners):
             )
             if current != token:
                 raise TokenMismatch(expected=token, current=current)
-        worker = None
         if ls != DIRECT:
             if self.admit_indirect is not None:
                 self.admit_indirect(ls)
             worker = self.shared_io.get(ls)
+            if worker is not None:  # shared storage: off the event loop, with a bound
+                failpoint.hit("acquire.before-lock")
+                request = (owner, lockspace, resource, mode, token, peer)
+                return self.loop.create_task(worker.acquire(self, request, ls, rkey))
         failpoint.hit("acquire.before-lock")
-        if worker is not None:  # shared storage: off the event loop, with a bound
-            request = (owner, lockspace, resource, mode, token, peer)
-            return self.loop.create_task(worker.acquire(self, request, ls, rkey))
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check, seen=seen)
         except ResourceBusy:
@@ -458,8 +458,10 @@ class LockService(Owners):
             lease_event(event, lease, reason),
             then=lambda error: answer(self._released(lease, event, reason, error)),
         )
-        worker = self.shared_io.get(lease.lockspace) if lease.lockspace != DIRECT else None
-        return replied if worker is None else self.loop.create_task(worker.replied(replied, lease))
+        if lease.lockspace != DIRECT and lease.lockspace in self.shared_io:
+            worker = self.shared_io[lease.lockspace]
+            return self.loop.create_task(worker.replied(replied, lease))
+        return replied
 
     def _released(
         self, lease: Lease, event: str, reason: str | None, error: JournalError | None
@@ -639,7 +641,11 @@ class LockService(Owners):
         """After the release is journaled: FDSTOREREMOVE, unlock, close, forget."""
         if lease.fd is not None:
             self.fdstore.remove(lease.fdname)
-            self._close(lease)
+            if lease.lockspace == DIRECT:  # never shared storage's thread (the hot path)
+                ofd.unlock_and_close(lease.fd)
+                lease.fd = None
+            else:
+                self._close(lease)
         self.table.remove(lease)
         self.fdnames.give_back(lease.fdname)
 
