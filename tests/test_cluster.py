@@ -30,7 +30,7 @@ import cluster_harness as ch
 import gluster_harness as gh
 import libvirt_harness as lh
 import pytest
-from e2e import F_OFD_SETLK, FLOCK, probe, wait_until
+from e2e import F_OFD_SETLK, FLOCK, is_free, probe, wait_until
 from measured import Figures, printed_at_end
 
 FULL = os.environ.get("LOCKD_CLUSTER") == "1"
@@ -99,7 +99,7 @@ def _finish(c: ch.Cluster, request: pytest.FixtureRequest) -> None:
     for h in c.hosts.values():
         h.destroy_all()
     for h in c.hosts.values():
-        wait_until(lambda h=h: probe(h.lease_file(DISK)) == "free", 30, 0.05, f"free via {h.name}")
+        wait_until(lambda h=h: is_free(h.lease_file(DISK)), 30, 0.05, f"free via {h.name}")
         rc, report = h.lockd.verify()
         assert rc == 0, (h.name, report)
 
@@ -467,7 +467,7 @@ def test_partition_a_is_fenced(indirect_bed: ch.Cluster, figures: Figures) -> No
     c.a.run_inside("ss", "-K", "dst", ch.STORAGE_ADDR)
     c.net.ip("link", "set", "ha", "down")
     try:
-        wait_until(lambda: probe(c.b.lease_file(DISK)) == "free", 60, 0.005, "the brick drops A")
+        wait_until(lambda: is_free(c.b.lease_file(DISK)), 60, 0.005, "the brick drops A")
         b_could = time.monotonic() - t0
 
         wait_until(lambda: not c.a.path(f"/proc/{qemu}").exists(), 60, 0.01, "A's QEMU fenced")
@@ -580,8 +580,11 @@ def test_host_a_dies_and_b_starts_the_domain(direct: ch.Cluster, figures: Figure
     assert seen(c) == ("exclusive", "exclusive")
     t0 = time.monotonic()
     os.kill(c.a.sm.pid1, signal.SIGKILL)
-    wait_until(lambda: probe(c.b.lease_file(DISK)) == "free", 60, 0.005, "A's lock dropped")
+    wait_until(lambda: is_free(c.b.lease_file(DISK)), 60, 0.005, "A's lock dropped")
     freed = time.monotonic() - t0
+    # (its processes die on their own: killing a PID namespace's init kills all in it)
+    wait_until(lambda: not c.a.processes(c.a.ns), 60, 0.05, "every process of A gone")
+    gone = time.monotonic() - t0
     tries = 0
 
     def started() -> bool:
@@ -592,6 +595,7 @@ def test_host_a_dies_and_b_starts_the_domain(direct: ch.Cluster, figures: Figure
     wait_until(started, 60, 0.05, "vm1 started on B")
     took = time.monotonic() - t0
     figures.ms("[direct] host A killed -> the disk free through B's mount", freed)
+    figures.ms("[direct] host A killed -> every process of A gone", gone)
     figures.ms(f"[direct] host A killed -> vm1 running on B ({tries} virsh start)", took)
     assert state(c.b, "vm1") == "running"
     on_b = lease(c.b)
