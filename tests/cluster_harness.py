@@ -215,12 +215,12 @@ class Cluster:
                               text=True, timeout=timeout)  # fmt: skip
 
     def migrate(
-        self, dom: str, src: ClusterHost, dst: ClusterHost
+        self, dom: str, src: ClusterHost, dst: ClusterHost, *extra: str
     ) -> tuple[subprocess.CompletedProcess[str], float]:
         """``virsh migrate --live`` of ``dom`` from ``src`` to ``dst`` over the hosts' own
-        addresses; (result, seconds)."""
+        addresses, with ``extra`` options (``--bandwidth 1``); (result, seconds)."""
         t0 = time.monotonic()
-        out = self.virsh("-c", src.uri(), "migrate", "--live", "--migrateuri",
+        out = self.virsh("-c", src.uri(), "migrate", "--live", *extra, "--migrateuri",
                          f"tcp://{dst.addr}", "--listen-address", dst.addr, dom,
                          dst.uri())  # fmt: skip
         return out, time.monotonic() - t0
