@@ -26,7 +26,8 @@ e2e-libvirt: setup
 
 # Two libvirt hosts on one GlusterFS volume (tests/test_cluster.py, README "A libvirt cluster
 # on shared storage"): migration, a third party in the handover gap, lockd beside virtlockd,
-# a hung mount (~3-4 min). `make test` runs only its first test, on the direct lockspace.
+# a hung mount, lockd killed mid-migration, host death, a partition (~4-5 min). `make test` runs
+# only its first test, on the direct lockspace (~25 s).
 cluster: setup
 	LOCKD_CLUSTER=1 .venv/bin/python -m pytest -q -rs tests/test_cluster.py $(PYTEST_ARGS)
 

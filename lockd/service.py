@@ -312,15 +312,16 @@ class LockService(Owners):
             )
             if current != token:
                 raise TokenMismatch(expected=token, current=current)
-        worker = None
         if ls != DIRECT:
             if self.admit_indirect is not None:
                 self.admit_indirect(ls)
             worker = self.shared_io.get(ls)
+            if worker is not None:  # shared storage: off the event loop, with a bound
+                failpoint.hit("acquire.before-lock")
+                request = (owner, lockspace, resource, mode, token, peer)
+                worker.acquire(self, request, ls, rkey, done)
+                return None
         failpoint.hit("acquire.before-lock")
-        if worker is not None:  # shared storage: off the event loop, with a bound
-            worker.acquire(self, (owner, lockspace, resource, mode, token, peer), ls, rkey, done)
-            return None
         try:
             locked = self.lockspaces.lock(ls, resource, rkey, exclusive, check=check, seen=seen)
         except ResourceBusy:
@@ -456,9 +457,9 @@ class LockService(Owners):
         lease.apply(Event.RELEASE)
         lease.settled = self.in_flight
         failpoint.hit("release.before-commit")
-        worker = self.shared_io.get(lease.lockspace) if lease.lockspace != DIRECT else None
-        if worker is not None:  # the reply waits for the unlock in the storage thread
-            done = worker.after_close(lease, done)
+        if lease.lockspace != DIRECT and lease.lockspace in self.shared_io:
+            # the reply waits for the unlock in the storage thread
+            done = self.shared_io[lease.lockspace].after_close(lease, done)
         self.commit.add(
             end_writes(lease, event, reason), self._released, (lease, event, reason), done
         )
@@ -645,7 +646,11 @@ class LockService(Owners):
         if lease.fd is not None:
             if self.fdstore.enabled:
                 self.fdstore.remove(lease.fdname)
-            self._close(lease)
+            if lease.lockspace == DIRECT:  # never shared storage's thread (the hot path)
+                ofd.unlock_and_close(lease.fd)
+                lease.fd = None
+            else:
+                self._close(lease)
         self.table.remove(lease)
         self.fdnames.give_back(lease.fdname)
 

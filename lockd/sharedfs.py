@@ -70,7 +70,7 @@ the client's locks, and another host takes the resource. Three things here:
    A loss takes the one lost path (:meth:`LockService.lease_lost`): HELD -> LOST, journaled
    with an event, the fd closed, Watch told, the owner fenced by its policy. GETLK never
    takes a lock, so a probe never changes what it looks at. Acquire and release there run
-   in the lockspace's own thread, with a bound (:class:`lockd.lockspace.StorageWorker`,
+   in the lockspace's own thread, with a bound (:class:`lockd.sharedio.StorageWorker`,
    registered here for every lockspace classified shared).
 
 Invariants: a local lockspace is never probed; a lease is probed only while it is HELD with
@@ -402,10 +402,11 @@ class Verifier:
         else:  # shared by its name: the mount may not answer (lockd/sharedio.py)
             try:
                 new = worker.call_sync(functools.partial(classify, ls, directory, forced))
-            except LimitExceeded as exc:
+            except LimitExceeded as exc:  # shared, its mount unknown until a restart
                 new = Storage(ls, directory, None, True, detail=str(exc))
         if new.shared and ls not in self.service.shared_io:  # its file operations off the loop
-            self.service.shared_io[ls] = StorageWorker(ls, self.loop)
+            path = os.path.normpath(directory)
+            self.service.shared_io[ls] = StorageWorker(ls, self.loop, path)
         if new.unsafe:
             self._unsafe(new, when)
         elif new.shared:

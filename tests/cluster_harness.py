@@ -25,8 +25,9 @@ Leases are direct (the images themselves, byte 0) or, with ``leases="indirect"``
 in ``file_lockspace_dir`` = :data:`LEASES` on the volume (libvirt names them by the SHA-256 of
 the disk path; lockd serves them as a named lockspace).
 
-Measured on this machine (2 vCPU, shared): storage up ~3 s, each host ~5-8 s (container boot,
-libvirtd answering); teardown ~3 s.
+Measured on this machine (2 vCPU, shared with other work): storage up 3.2-3.8 s, each host
+2.6-3.5 s (container boot, libvirtd answering) when idle; the whole bed 7-22 s under load;
+teardown ~2 s.
 """
 
 from __future__ import annotations
@@ -215,12 +216,12 @@ class Cluster:
                               text=True, timeout=timeout)  # fmt: skip
 
     def migrate(
-        self, dom: str, src: ClusterHost, dst: ClusterHost
+        self, dom: str, src: ClusterHost, dst: ClusterHost, *extra: str
     ) -> tuple[subprocess.CompletedProcess[str], float]:
         """``virsh migrate --live`` of ``dom`` from ``src`` to ``dst`` over the hosts' own
-        addresses; (result, seconds)."""
+        addresses, with ``extra`` options (``--bandwidth 1``); (result, seconds)."""
         t0 = time.monotonic()
-        out = self.virsh("-c", src.uri(), "migrate", "--live", "--migrateuri",
+        out = self.virsh("-c", src.uri(), "migrate", "--live", *extra, "--migrateuri",
                          f"tcp://{dst.addr}", "--listen-address", dst.addr, dom,
                          dst.uri())  # fmt: skip
         return out, time.monotonic() - t0

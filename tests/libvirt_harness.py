@@ -236,9 +236,9 @@ class LibvirtHost:
         if ns is not None:
             self.check_gone(ns)
 
-    def check_gone(self, ns: tuple[str, str]) -> None:
-        """No process of the container's PID or mount namespace is left on the host, and no
-        mount of its directory (the host's mount table is as before)."""
+    @staticmethod
+    def processes(ns: tuple[str, str]) -> list[str]:
+        """Pids (on the host) of the processes in the container's PID or mount namespace."""
         left = []
         for p in Path("/proc").iterdir():
             with contextlib.suppress(OSError):
@@ -246,6 +246,12 @@ class LibvirtHost:
                     os.readlink(p / "ns/pid") == ns[0] or os.readlink(p / "ns/mnt") == ns[1]
                 ):
                     left.append(p.name)
+        return left
+
+    def check_gone(self, ns: tuple[str, str]) -> None:
+        """No process of the container's PID or mount namespace is left on the host, and no
+        mount of its directory (the host's mount table is as before)."""
+        left = self.processes(ns)
         assert not left, f"processes left in the libvirt container's namespaces: {left}"
         mounts = Path("/proc/self/mountinfo").read_text()
         assert str(self.sm.w) not in mounts, f"mounts of {self.sm.w} left on the host"

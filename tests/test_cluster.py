@@ -16,8 +16,10 @@ printed at the end of the module.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import signal
 import struct
 import sys
 import threading
@@ -30,7 +32,7 @@ import cluster_harness as ch
 import gluster_harness as gh
 import libvirt_harness as lh
 import pytest
-from e2e import F_OFD_SETLK, FLOCK, probe, wait_until
+from e2e import F_OFD_SETLK, FLOCK, is_free, probe, wait_until
 from measured import Figures, printed_at_end
 
 FULL = os.environ.get("LOCKD_CLUSTER") == "1"
@@ -38,6 +40,9 @@ full_bed = pytest.mark.skipif(not FULL, reason="the whole cluster bed: make clus
 
 DISK = f"{ch.IMAGES}/shared.img"
 MIGRATION_PORT = 49152  # libvirt's migration_port_min: the first incoming migration's port
+# an idle 64 MiB guest migrates in ~0.1 s of stream here: at 1 MiB/s its stream lasts long
+# enough for a test to act while it flows
+SLOW = ("--bandwidth", "1")
 VM1 = lh.DomainSpec("00000000-c1c1-4000-8000-000000000001", ("shared.img",))
 VM2 = lh.DomainSpec("00000000-c1c1-4000-8000-000000000002", ("shared.img",))
 # vm1 is defined on both hosts (as a cluster manager does); vm2, on B, shares its disk
@@ -76,6 +81,19 @@ def bed(request: pytest.FixtureRequest) -> Iterator[ch.Cluster]:
     _finish(c, request)
 
 
+@pytest.fixture
+def direct_bed(direct: ch.Cluster, request: pytest.FixtureRequest) -> Iterator[ch.Cluster]:
+    """The direct bed for one test, left clean after it (passed or failed)."""
+    yield direct
+    _finish(direct, request)
+
+
+@pytest.fixture
+def indirect_bed(indirect: ch.Cluster, request: pytest.FixtureRequest) -> Iterator[ch.Cluster]:
+    yield indirect
+    _finish(indirect, request)
+
+
 def _finish(c: ch.Cluster, request: pytest.FixtureRequest) -> None:
     """Every domain off on both hosts, the lock free through both mounts, ``lockctl verify``
     clean on both."""
@@ -86,7 +104,7 @@ def _finish(c: ch.Cluster, request: pytest.FixtureRequest) -> None:
     for h in c.hosts.values():
         h.destroy_all()
     for h in c.hosts.values():
-        wait_until(lambda h=h: probe(h.lease_file(DISK)) == "free", 30, 0.05, f"free via {h.name}")
+        wait_until(lambda h=h: is_free(h.lease_file(DISK)), 30, 0.05, f"free via {h.name}")
         rc, report = h.lockd.verify()
         assert rc == 0, (h.name, report)
 
@@ -183,11 +201,11 @@ def test_one_host_at_a_time_and_live_migration(bed: ch.Cluster, figures: Figures
 
 @full_bed
 def test_migration_downtime_lockd_beside_virtlockd(
-    direct: ch.Cluster, figures: Figures, request: pytest.FixtureRequest
+    direct_bed: ch.Cluster, figures: Figures
 ) -> None:
     """Three round trips A -> B -> A with lockd, then three with the real virtlockd on both
     hosts, in the same bed: libvirt's downtime and how long byte 0 was free, side by side."""
-    c = direct
+    c = direct_bed
     try:
         for daemon in ("lockd", "virtlockd"):
             if daemon == "virtlockd":
@@ -216,7 +234,6 @@ def test_migration_downtime_lockd_beside_virtlockd(
         for h in c.hosts.values():
             lh.Virtlockd(h).stop()
             h.lockd.start()
-    _finish(c, request)
 
 
 def _grab(path: str, stop: threading.Event, got: list[float]) -> None:
@@ -238,14 +255,12 @@ def _grab(path: str, stop: threading.Event, got: list[float]) -> None:
 
 
 @full_bed
-def test_third_party_in_the_handover_gap(
-    direct: ch.Cluster, figures: Figures, request: pytest.FixtureRequest
-) -> None:
+def test_third_party_in_the_handover_gap(direct_bed: ch.Cluster, figures: Figures) -> None:
     """libvirt releases on the source before the destination acquires. A third party that
     takes the disk in that gap makes the migration fail; the guest stays paused on A with no
     lease, nothing runs on the disk. The operator's move: once the third party is gone,
     ``virsh resume`` on A (lockd takes the lease again)."""
-    c = direct
+    c = direct_bed
     out, _ = c.a.start("vm1")
     assert out.returncode == 0, out.stderr
     stop, got = threading.Event(), []
@@ -265,7 +280,6 @@ def test_third_party_in_the_handover_gap(
     wait_until(lambda: seen(c) == ("free", "free"), 30, 0.02, "the third party gone")
     c.a.virsh("resume", "vm1", check=True)
     assert state(c.a, "vm1") == "running" and lease(c.a) is not None
-    _finish(c, request)
 
 
 # --- scenario 7: a hung mount stalls nobody else ------------------------------------------------
@@ -277,7 +291,6 @@ def test_hung_mount_stalls_nobody_else(direct: ch.Cluster, figures: Figures) -> 
     local directory: calls for the local lockspace and the direct lockspace keep answering,
     one for the hung lockspace fails within its bound with a named error, the watchdog does
     not fire; after SIGCONT everything answers and the held lease is still held."""
-    import signal
 
     c, host = direct, direct.a
     sm = host.sm
@@ -375,13 +388,30 @@ def _stream_flows(c: ch.Cluster) -> bool:
     return any(r[1].endswith(port) and r[3] == "01" for r in rows[1:])
 
 
+def _source_released(c: ch.Cluster) -> bool:
+    """A's lockd holds no lease any more: libvirt paused vm1 for the switchover."""
+    return not c.a.lockd.admin("ListLeases")["leases"]
+
+
+def _host_pid(host: ch.ClusterHost, comm: str) -> int:
+    """The host pid of the process ``comm`` in ``host``'s PID namespace (to signal it
+    without an nsenter, whose start costs tens of ms)."""
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if (p.name.isdigit() and os.readlink(p / "ns/pid") == host.ns[0]
+                    and (p / "comm").read_text().strip() == comm):  # fmt: skip
+                return int(p.name)
+    raise AssertionError(f"no {comm} on host {host.name}")
+
+
 @full_bed
-@pytest.mark.parametrize("when", ["qemu-started", "stream-flows"])
+@pytest.mark.parametrize("when", ["qemu-started", "stream-flows", "source-released"])
 def test_failed_migration_and_the_lease_on_a(
-    direct: ch.Cluster, figures: Figures, request: pytest.FixtureRequest, when: str
+    direct_bed: ch.Cluster, figures: Figures, when: str
 ) -> None:
     """Scenario 3: B's QEMU is killed (kill -9) during ``virsh migrate --live``, as soon as
-    it runs (``qemu-started``) or once the migration stream flows (``stream-flows``). The
+    it runs (``qemu-started``), once the migration stream flows (``stream-flows``), or once
+    A's lockd has released the lease for the switchover (``source-released``). The
     migration fails and vm1 keeps running on A; B holds nothing.
 
     Killed early, A's lease is never touched (same token). Killed late, libvirt may already
@@ -390,26 +420,32 @@ def test_failed_migration_and_the_lease_on_a(
     runs on A with no lease (seen here; the test reports which happened). The operator's
     fix, checked here: ``virsh suspend`` then ``virsh resume`` of vm1 on A, whose resume asks
     the lock daemon again."""
-    c = direct
+    c = direct_bed
     out, _ = c.a.start("vm1")
     assert out.returncode == 0, out.stderr
     before = lease(c.a)
     assert before is not None
-    ready = _b_qemu_started if when == "qemu-started" else _stream_flows
+    ready = {"qemu-started": _b_qemu_started, "stream-flows": _stream_flows,
+             "source-released": _source_released}[when]  # fmt: skip
     stop, killed = threading.Event(), []
 
     def kill_incoming() -> None:
+        # the switchover's gap is ~30 ms: B's QEMU is found first and signalled directly
+        while not stop.is_set() and not _b_qemu_started(c):
+            time.sleep(0.001)
+        if stop.is_set():
+            return
+        pid = _host_pid(c.b, "qemu-system-x86")
         while not stop.is_set() and not ready(c):
             time.sleep(0.001)
         if not stop.is_set():
-            pid = int(c.b.path("/run/libvirt/qemu/vm1.pid").read_text())
-            c.b.run_inside("kill", "-KILL", str(pid), check=False)
+            os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
     killer = threading.Thread(target=kill_incoming)
     killer.start()
     try:
-        out, took = c.migrate("vm1", c.a, c.b)
+        out, took = c.migrate("vm1", c.a, c.b, *(SLOW if when != "qemu-started" else ()))
     finally:
         stop.set()
         killer.join(30)
@@ -418,11 +454,14 @@ def test_failed_migration_and_the_lease_on_a(
     assert state(c.a, "vm1") == "running" and state(c.b, "vm1") != "running"
     assert lease(c.b) is None
     after = lease(c.a)
-    if after is not None:
-        assert after["token"] == before["token"], (before, after)  # never released
-        outcome = "A kept its lease"
+    if after is not None and after["token"] == before["token"]:
+        outcome = "A kept its lease"  # never released
+    elif after is not None:
+        # released at the pause, taken again when libvirt resumed the source itself
+        assert when != "qemu-started" and after["token"] > before["token"], (before, after)
+        outcome = "A's lease released at the pause and taken again at libvirt's resume"
     else:
-        assert when == "stream-flows"  # early, nothing of A's is touched
+        assert when != "qemu-started"  # early, nothing of A's is touched
         assert probe(c.a.lease_file(DISK)) == "free"  # nobody holds the running domain's disk
         c.a.virsh("suspend", "vm1", check=True)
         c.a.virsh("resume", "vm1", check=True)
@@ -437,19 +476,16 @@ def test_failed_migration_and_the_lease_on_a(
         f"({out.stderr.strip().splitlines()[-1]}); {outcome}"
     )
     assert seen(c) == ("exclusive", "exclusive")
-    _finish(c, request)
 
 
 @full_bed
-def test_partition_a_is_fenced(
-    indirect: ch.Cluster, figures: Figures, request: pytest.FixtureRequest
-) -> None:
+def test_partition_a_is_fenced(indirect_bed: ch.Cluster, figures: Figures) -> None:
     """Scenario 6, on file_lockspace_dir (a lockspace lockd verifies): A's connections to
     the storage are reset (``ss -K`` in A's network namespace, so the brick sees the RST and
     drops A's locks) and kept down (A's link to the storage bridge down). A's lockd finds the
     lease lost at its next verification and fences vm1's QEMU (SIGKILL, the default policy);
     measured: when B could lock, when A's lockd declared the loss, when A's QEMU was gone."""
-    c = indirect
+    c = indirect_bed
     out, _ = c.a.start("vm1")
     assert out.returncode == 0, out.stderr
     qemu = c.a.qemu_pid("vm1")
@@ -458,7 +494,7 @@ def test_partition_a_is_fenced(
     c.a.run_inside("ss", "-K", "dst", ch.STORAGE_ADDR)
     c.net.ip("link", "set", "ha", "down")
     try:
-        wait_until(lambda: probe(c.b.lease_file(DISK)) == "free", 60, 0.005, "the brick drops A")
+        wait_until(lambda: is_free(c.b.lease_file(DISK)), 60, 0.005, "the brick drops A")
         b_could = time.monotonic() - t0
 
         wait_until(lambda: not c.a.path(f"/proc/{qemu}").exists(), 60, 0.01, "A's QEMU fenced")
@@ -483,7 +519,6 @@ def test_partition_a_is_fenced(
     wait_until(lambda: gh.answers(c.a.path(ch.IMAGES)), 60, 0.1, "A's mount back")
     c.b.destroy_all()
     assert c.a.leases() == []  # lost, then released when its fenced owner died
-    _finish(c, request)
 
 
 # --- scenario 4: lockd killed during a migration ------------------------------------------------
@@ -494,9 +529,8 @@ def test_partition_a_is_fenced(
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGABRT"])
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_lockd_killed_during_migration(
-    direct: ch.Cluster,
+    direct_bed: ch.Cluster,
     figures: Figures,
-    request: pytest.FixtureRequest,
     side: str,
     sig: str,
     when: str,
@@ -507,7 +541,7 @@ def test_lockd_killed_during_migration(
     before the switchover's release and acquire): the sampler never sees two holders, vm1
     ends up running on at most one host and that host's lockd holds its lease, and
     ``lockctl verify`` is clean on both afterwards."""
-    c = direct
+    c = direct_bed
     out, _ = c.a.start("vm1")
     assert out.returncode == 0, out.stderr
     victim = c.a if side == "source" else c.b
@@ -527,7 +561,7 @@ def test_lockd_killed_during_migration(
     killer = threading.Thread(target=kill_during)
     with ch.Sampler(c, DISK) as sampler:
         killer.start()
-        out, took = c.migrate("vm1", c.a, c.b)
+        out, took = c.migrate("vm1", c.a, c.b, *(SLOW if when == "stream-flows" else ()))
         killer.join(60)
         victim.sm.wait_running(not_pid=old)
         time.sleep(0.3)
@@ -540,19 +574,23 @@ def test_lockd_killed_during_migration(
     assert len(running) <= 1, states
     for h in (c.a, c.b):
         mine = lease(h)
-        if h.name in running:
+        if h.name in running:  # a running domain holds its lease
             assert mine is not None and mine["state"] == "held", (h.name, mine)
-        else:
-            assert mine is None, (h.name, mine)
-    if running:
-        assert seen(c) == ("exclusive", "exclusive")
+        if mine is not None:  # and a lease belongs to a domain alive there (running or paused)
+            assert states[h.name] in ("running", "paused"), (h.name, states, mine)
+    if not running:
+        # rolled back: vm1 paused on A (its release was lost with the killed lockd, so A
+        # still holds the lease, or B's acquire was refused); the operator resumes it there
+        assert states["A"] == "paused", states
+        c.a.virsh("resume", "vm1", check=True)
+        assert state(c.a, "vm1") == "running" and lease(c.a) is not None
+    assert seen(c) == ("exclusive", "exclusive")
     figures.add(
         f"[direct] lockd of the {side} killed ({sig}, {when}) during migrate A->B: rc "
         f"{out.returncode}, {took * 1000:.0f} ms, vm1 {states}, "
         f"{samples.gaps} table queries unanswered"
         + (f"; error: {out.stderr.strip().splitlines()[-1]}" if out.returncode else "")
     )
-    _finish(c, request)
 
 
 @full_bed
@@ -561,7 +599,6 @@ def test_host_a_dies_and_b_starts_the_domain(direct: ch.Cluster, figures: Figure
     process of A dies at once (SIGKILL of its PID 1 kills its whole PID namespace: libvirtd,
     QEMU, lockd, A's GlusterFS client); B can start vm1 as soon as the brick has dropped A's
     locks, which it does when A's client connection closes."""
-    import signal
 
     c = direct
     out, _ = c.a.start("vm1")
@@ -569,8 +606,11 @@ def test_host_a_dies_and_b_starts_the_domain(direct: ch.Cluster, figures: Figure
     assert seen(c) == ("exclusive", "exclusive")
     t0 = time.monotonic()
     os.kill(c.a.sm.pid1, signal.SIGKILL)
-    wait_until(lambda: probe(c.b.lease_file(DISK)) == "free", 60, 0.005, "A's lock dropped")
+    wait_until(lambda: is_free(c.b.lease_file(DISK)), 60, 0.005, "A's lock dropped")
     freed = time.monotonic() - t0
+    # (its processes die on their own: killing a PID namespace's init kills all in it)
+    wait_until(lambda: not c.a.processes(c.a.ns), 60, 0.05, "every process of A gone")
+    gone = time.monotonic() - t0
     tries = 0
 
     def started() -> bool:
@@ -581,6 +621,7 @@ def test_host_a_dies_and_b_starts_the_domain(direct: ch.Cluster, figures: Figure
     wait_until(started, 60, 0.05, "vm1 started on B")
     took = time.monotonic() - t0
     figures.ms("[direct] host A killed -> the disk free through B's mount", freed)
+    figures.ms("[direct] host A killed -> every process of A gone", gone)
     figures.ms(f"[direct] host A killed -> vm1 running on B ({tries} virsh start)", took)
     assert state(c.b, "vm1") == "running"
     on_b = lease(c.b)

@@ -87,3 +87,27 @@ def test_call_sync_bound_and_result(tmp_path: Path) -> None:
         loop.close()
     assert len(abandoned) == 1
     os.close(abandoned[0])
+
+
+def test_storage_workers_by_name_alone(tmp_path: Path) -> None:
+    """Which lockspaces get a storage thread at start-up, before anything on their mounts
+    is touched: those forced shared by the configuration, and those whose directory lies (by
+    name) on a network or FUSE mount in this process's mountinfo; a local one gets none."""
+    from lockd.config import Config
+    from lockd.lockspace import Lockspaces
+    from lockd.sharedfs import is_shared, parse_mountinfo, storage_workers
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = Config(lockspaces={"local": tmp_path / "a", "forced": tmp_path / "b"},
+                    shared_lockspaces=("forced",)).validate()  # fmt: skip
+    mounts = [m for _, m in parse_mountinfo(Path("/proc/self/mountinfo").read_text())]
+    shared = next((m.mountpoint for m in mounts if is_shared(m.fstype)), None)
+    named = {"named": Path(shared) / "leases"} if shared else {}
+    loop = asyncio.new_event_loop()
+    try:
+        workers = storage_workers(config, Lockspaces(config.lockspaces, named), loop)
+    finally:
+        loop.close()
+    assert set(workers) == {"forced", *named}, (workers, shared)
+    assert workers["forced"].directory == str(tmp_path / "b")
