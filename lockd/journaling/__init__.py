@@ -1,0 +1,1 @@
+"""The journal: SQLite, its migrations, the group commit."""

@@ -1,0 +1,1 @@
+"""What a lock and a lease are: OFD locks, lockspaces, owner processes, the lease state machine."""

@@ -1,0 +1,1 @@
+"""The lock service: acquire, release, owners, fencing, recovery, counters, shared storage."""

@@ -1,0 +1,1 @@
+"""systemd glue: readiness, watchdog, the fd store, re-exec in place."""
