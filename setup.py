@@ -23,19 +23,19 @@ from setuptools import setup
 
 # the request path of both front ends, the journal and recovery (lockd/<name>.py)
 MYPYC_MODULES = (
-    "connection",
-    "varlink",
-    "virtlockd_rpc",
-    "virtlockd_server",
-    "leases",
-    "lockspace",
-    "ofd",
-    "journal",
-    "groupcommit",
-    "service",
-    "owners",  # LockService's base class: a native class needs native bases
-    "server",
-    "recovery",
+    "frontends/connection",
+    "wire/varlink",
+    "wire/virtlockd_rpc",
+    "frontends/virtlockd_server",
+    "locks/leases",
+    "locks/lockspace",
+    "locks/ofd",
+    "journaling/journal",
+    "journaling/groupcommit",
+    "service/service",
+    "service/owners",  # LockService's base class: a native class needs native bases
+    "frontends/server",
+    "service/recovery",
 )
 
 ext_modules = []

@@ -5,9 +5,10 @@ the size of most single changes to the request path. Instruction counts do not m
 runs the daemon's request path in one process under ``valgrind --tool=callgrind`` and counts
 the instructions one pair costs, for one lockd tree or two (A/B).
 
-What runs: the real :class:`~lockd.service.LockService`, journal (SQLite, WAL, in a
+What runs: the real :class:`~lockd.service.service.LockService`, journal (SQLite, WAL, in a
 temporary directory), lockspaces and a real file, behind the protocol's own connection class
-(``--proto varlink``: lockd.server's; ``virtlockd``: lockd.virtlockd_server's; ``lean``: the
+(``--proto varlink``: lockd.frontends.server's; ``virtlockd``: lockd.frontends.virtlockd_server's;
+``lean``: the
 prototype's of :mod:`bench.lean`, lockd's work without its layers) fed the wire
 bytes of an Acquire and a Release, whose replies go to a stub transport. One request per
 group commit (the single-connection case); no sockets, so no kernel time for them, and the
@@ -72,12 +73,12 @@ class _Transport:
 
 async def _pairs(proto: str, n: int) -> None:
     from lockd.config import Config
-    from lockd.journal import Journal
-    from lockd.leases import LeaseTable, Owner
-    from lockd.lockspace import Lockspaces
-    from lockd.notify import FdStore
-    from lockd.process import Peer
-    from lockd.service import GroupCommit, LockService
+    from lockd.journaling.journal import Journal
+    from lockd.locks.leases import LeaseTable, Owner
+    from lockd.locks.lockspace import Lockspaces
+    from lockd.locks.process import Peer
+    from lockd.service.service import GroupCommit, LockService
+    from lockd.systemd.notify import FdStore
 
     tmp = Path(tempfile.mkdtemp(prefix="lkinstr.", dir="/tmp"))
     disk = tmp / "disk.img"
@@ -99,7 +100,7 @@ async def _pairs(proto: str, n: int) -> None:
     conn: Any
     if proto == "lean":  # bench/lean.py: lockd's work without its layers (its own journal)
         from bench.lean import Lean, LeanConnection
-        from lockd.varlink import Call
+        from lockd.wire.varlink import Call
 
         lean = Lean(tmp / "lean")
         conn = LeanConnection(lean)
@@ -107,8 +108,8 @@ async def _pairs(proto: str, n: int) -> None:
         acquire = Call("io.lockd.Acquire", params).encode()
         release = Call("io.lockd.Release", params).encode()
     elif proto == "virtlockd":
-        from lockd import virtlockd_rpc as rpc
-        from lockd.virtlockd_server import VirtlockdConnection, VirtlockdServer
+        from lockd.frontends.virtlockd_server import VirtlockdConnection, VirtlockdServer
+        from lockd.wire import virtlockd_rpc as rpc
 
         conn = VirtlockdConnection(VirtlockdServer(config, service))
         conn.owner = owner
@@ -116,9 +117,9 @@ async def _pairs(proto: str, n: int) -> None:
         acquire = rpc.encode_call(rpc.Proc.ACQUIRE_RESOURCE, 1, args)
         release = rpc.encode_call(rpc.Proc.RELEASE_RESOURCE, 2, args)
     else:
-        from lockd.recovery import Report
-        from lockd.server import Connection, Server
-        from lockd.varlink import Call
+        from lockd.frontends.server import Connection, Server
+        from lockd.service.recovery import Report
+        from lockd.wire.varlink import Call
 
         conn = Connection(Server(config, service, Report(), lambda: None), False)
         params = {"owner": owner.uuid, "resource": str(disk)}
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.instructions", description=__doc__.split("\n")[0]
     )
     p.add_argument("trees", nargs="+", help="one or two lockd trees: a git commit or a directory")
-    # lean: bench/lean.py (the tree's lockd.ofd and lockd.journal, the prototype's layers)
+    # lean: bench/lean.py (the tree's lockd.locks.ofd and lockd.journaling.journal, the prototype's
+    # layers)
     p.add_argument("--proto", choices=["varlink", "virtlockd", "lean"], default="varlink")
     p.add_argument("--pairs", type=int, nargs=2, default=[200, 700], metavar=("N1", "N2"))
     a = p.parse_args(argv)

@@ -4,8 +4,9 @@ The do-nothing server (:mod:`bench.wire`) measures what a round trip costs in Py
 uvloop; lockd measures that plus its work plus its layers. This server does lockd's *work*
 for a plain Acquire and Release of a direct resource, and nothing else, in as few Python
 steps as it can: the same syscalls (``stat``, ``open``, ``fstat``, ``fcntl``, ``readlink``
-on a grant through :mod:`lockd.ofd`; ``fcntl``, ``close`` on a release), the same SQLite
-journal (:class:`lockd.journal.Journal`, its schema, pragmas and statements: a lease row, a
+on a grant through :mod:`lockd.locks.ofd`; ``fcntl``, ``close`` on a release), the same SQLite
+journal (:class:`lockd.journaling.journal.Journal`, its schema, pragmas and statements: a lease
+row, a
 grant row and a packed history row per group commit, a release deleting the lease and
 touching its grant; the grant rows by the journal's triggers, as for lockd), every grant
 and release committed before its reply, one commit per loop iteration. It has no lease
@@ -33,8 +34,8 @@ from typing import Any, cast
 import orjson
 
 from bench.wire import notify_ready
-from lockd import journal as jn
-from lockd import ofd
+from lockd.journaling import journal as jn
+from lockd.locks import ofd
 
 
 class Lean:

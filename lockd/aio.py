@@ -4,7 +4,7 @@ Theory of operation: the same API, the same errors and the same ride over daemon
 as the blocking client, without a thread per call. What is shared, not copied: the calls
 (:class:`lockd.calls.requests`: method, parameters and how each reply is read), the retry
 policy (:class:`lockd.client.Attempts`: which failures are retried, the backoff, the
-timeout, the errors raised), and the Varlink codec (:mod:`lockd.varlink`). Only the I/O
+timeout, the errors raised), and the Varlink codec (:mod:`lockd.wire.varlink`). Only the I/O
 differs: the event loop's ``sock_connect`` / ``sock_sendall`` / ``sock_recv`` on a
 non-blocking socket.
 
@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from lockd.calls import Reply, Request, reply_object, requests, unwrap
 from lockd.client import _TRANSIENT, MAX_REPLY, RECV_SIZE, Attempts, endpoint
 from lockd.errors import ProtocolError
-from lockd.varlink import Call, Decoder
+from lockd.wire.varlink import Call, Decoder
 
 __all__ = ["Client", "Watch"]
 

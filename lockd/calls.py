@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from lockd.errors import ProtocolError, from_wire
-from lockd.varlink import Call
+from lockd.wire.varlink import Call
 
 __all__ = ["Reply", "Request", "reply_list", "reply_object", "requests", "unwrap"]
 

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 from lockd.calls import Reply, Request, reply_object, requests, unwrap
 from lockd.config import default_admin_socket, default_socket
 from lockd.errors import DaemonUnreachable, PermissionDenied, ProtocolError
-from lockd.varlink import Call, Decoder
+from lockd.wire.varlink import Call, Decoder
 
 __all__ = ["Attempts", "Client", "Reply", "Request", "Watch", "requests"]
 

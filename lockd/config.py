@@ -119,7 +119,7 @@ class Config:
     metrics_textfile_dir: Path | None = None
     metrics_interval: float = 15.0
     # seconds between two verifications of the leases held in lockspaces on shared storage
-    # (lockd/sharedfs.py); 0: never verify
+    # (lockd/service/sharedfs.py); 0: never verify
     verify_interval: float = 5.0
     # lockspaces treated as shared storage (verified) whatever their filesystem type; those on
     # a network or cluster filesystem (NFS, GlusterFS, GFS2, CephFS, any FUSE...) are anyway.

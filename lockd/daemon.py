@@ -38,15 +38,17 @@ from typing import Any
 
 import fasteners
 
-from lockd import __version__, failpoint, handover, notify, sharedfs, sharedio
+from lockd import __version__, failpoint
 from lockd.config import Config, ConfigError, load
 from lockd.errors import JournalError, LimitExceeded
-from lockd.journal import Journal, JournalUnreadable
-from lockd.lockspace import Lockspaces
-from lockd.recovery import recover
-from lockd.server import Server
-from lockd.service import GroupCommit, LockService
-from lockd.virtlockd_server import VirtlockdServer
+from lockd.frontends.server import Server
+from lockd.frontends.virtlockd_server import VirtlockdServer
+from lockd.journaling.journal import Journal, JournalUnreadable
+from lockd.locks.lockspace import Lockspaces
+from lockd.service import sharedfs, sharedio
+from lockd.service.recovery import recover
+from lockd.service.service import GroupCommit, LockService
+from lockd.systemd import handover, notify
 
 log = logging.getLogger("lockd")
 
@@ -230,7 +232,7 @@ class Daemon:
         for lease in outcome.pending:  # their storage did not answer: locked once it does
             sharedio.retake_in_background(service, lease)
         # indirect lockspaces on shared storage: refuse mounts that drop locks silently, and
-        # verify the leases held there on a timer (lockd/sharedfs.py)
+        # verify the leases held there on a timer (lockd/service/sharedfs.py)
         verifier = sharedfs.Verifier(self.config, service)
         verifier.start()
         for owner in list(outcome.table.owners.values()):
@@ -373,7 +375,8 @@ class Pruner:
 def textfile_writer(loop: asyncio.AbstractEventLoop, config: Config, server: Server) -> Ticker:
     """node_exporter's textfile: DIR/lockd.prom now and every ``metrics_interval`` seconds.
     prometheus-client is imported here, only when the key is set (start-up time matters)."""
-    from lockd import exposition, metrics
+    from lockd.ctl import exposition
+    from lockd.service import metrics
 
     directory = config.metrics_textfile_dir
     assert directory is not None

@@ -140,11 +140,12 @@ def from_wire(name: str, parameters: dict[str, Any] | None) -> LockdError:
 
 class IllegalTransition(RuntimeError):
     """A bug, never on the wire: an event that a lease's state does not allow
-    (:meth:`lockd.leases.Lease.apply`). Nothing was changed. Here with the other exception
+    (:meth:`lockd.locks.leases.Lease.apply`). Nothing was changed. Here with the other exception
     classes, which stay interpreted Python when the hot modules are compiled (mypyc cannot
     make a builtin exception subclass a native class)."""
 
 
 class JournalUnreadable(ValueError):
     """The file is not a lockd journal we can use (corrupt, foreign, or from a newer lockd).
-    Never on the wire: the daemon refuses to start (lockd.journal, lockd.migrations)."""
+    Never on the wire: the daemon refuses to start (lockd.journaling.journal,
+    lockd.journaling.migrations)."""

@@ -558,7 +558,7 @@ def module_daemon(base: Path, config: Callable[[Path], str] | None = None) -> It
 def lockctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKD_")}
     return subprocess.run(
-        [sys.executable, "-m", "lockd.cli", *args],
+        [sys.executable, "-m", "lockd.ctl.cli", *args],
         cwd=TREE,
         env=env,
         capture_output=True,

@@ -485,7 +485,7 @@ def _verify_inside(host: LibvirtHost, socket_path: str, admin: str) -> tuple[int
     """``lockctl verify -J`` run inside the container: it reads ``/proc/PID`` of lockd, so it
     needs lockd's PID namespace, and under the units it asks the container's systemd about the
     fd store. (exit status, the report)."""
-    out = host.run_inside(sys.executable, "-m", "lockd.cli", "--socket", socket_path,
+    out = host.run_inside(sys.executable, "-m", "lockd.ctl.cli", "--socket", socket_path,
                           "--admin-socket", admin, "--timeout", "30", "verify", "-J",
                           check=False)  # fmt: skip
     assert out.returncode in (0, 7), f"lockctl verify exited {out.returncode}: {out.stderr}"
@@ -495,7 +495,7 @@ def _verify_inside(host: LibvirtHost, socket_path: str, admin: str) -> tuple[int
 def _lockctl(socket_path: Path, admin: Path, *args: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKD_")}
     out = subprocess.run(
-        [sys.executable, "-m", "lockd.cli", "--socket", str(socket_path),
+        [sys.executable, "-m", "lockd.ctl.cli", "--socket", str(socket_path),
          "--admin-socket", str(admin), "--timeout", "30", *args, "-J"],
         cwd=sd.REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -252,7 +252,7 @@ class Manager:
     def lockctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKD_")}
         return subprocess.run(
-            [sys.executable, "-m", "lockd.cli", "--socket", str(self.socket),
+            [sys.executable, "-m", "lockd.ctl.cli", "--socket", str(self.socket),
              "--admin-socket", str(self.admin_socket), "--timeout", "30", *args],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip

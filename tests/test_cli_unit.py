@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from lockd import cli, cli_output, errors
+from lockd import errors
+from lockd.ctl import cli, cli_output
 
 LEASE = {
     "lockspace": "",
@@ -163,6 +164,6 @@ def test_unreachable_socket_path(tmp_path: Path, capsys: Any) -> None:
 
 
 def test_dump_missing_dir(tmp_path: Path, capsys: Any) -> None:
-    pytest.importorskip("lockd.journal")
+    pytest.importorskip("lockd.journaling.journal")
     assert cli.main(["dump", "--state-dir", str(tmp_path / "none")]) == cli.EXIT_FAILURE
     assert capsys.readouterr().err == f"lockctl: no lockd journal in {tmp_path / 'none'}\n"

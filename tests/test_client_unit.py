@@ -19,7 +19,7 @@ import pytest
 from clients import CLIENTS
 
 from lockd.errors import DaemonUnreachable, ResourceBusy
-from lockd.varlink import Decoder, dumps
+from lockd.wire.varlink import Decoder, dumps
 
 Msg = dict[str, Any]
 # returns the replies to send (possibly none: a hung daemon), or None to cut the connection

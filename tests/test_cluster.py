@@ -308,7 +308,7 @@ def test_hung_mount_stalls_nobody_else(direct: ch.Cluster, figures: Figures) -> 
     def acquire(resource: str, lockspace: str | None = None) -> tuple[int, str, float]:
         extra = ["--lockspace", lockspace] if lockspace else []
         t0 = time.monotonic()  # inside: lockctl reads /proc/PID of the owner
-        out = host.run_inside(sys.executable, "-m", "lockd.cli", "--timeout", "30", "acquire",
+        out = host.run_inside(sys.executable, "-m", "lockd.ctl.cli", "--timeout", "30", "acquire",
                               resource, "--pid", str(pid), *extra, check=False)  # fmt: skip
         return out.returncode, out.stderr, time.monotonic() - t0
 

@@ -68,13 +68,13 @@ def test_lockd_page_has_every_option() -> None:
 
 def test_lockctl_page_has_every_option_and_command() -> None:
     page = plain((MAN / "lockctl.1").read_text())
-    top = helped("lockd.cli")
+    top = helped("lockd.ctl.cli")
     commands = re.findall(r"^    (\S+)\s", top.split("positional arguments:")[1], re.M)
     assert {"status", "locks", "metrics", "verify", "dump"} <= set(commands)
     missing = [o for o in option_names(top.split("exit status:")[0]) if o not in page]
     for cmd in commands:
         assert f"\n{cmd}" in page.replace(".TP\n", "\n"), f"command {cmd} not in lockctl(1)"
-        text = helped("lockd.cli", cmd)
+        text = helped("lockd.ctl.cli", cmd)
         missing += [f"{cmd} {o}" for o in option_names(text.split("columns:")[0]) if o not in page]
     assert not missing, missing
     for code in range(8):  # every exit status

@@ -3,7 +3,7 @@ parameters against a live daemon, and a raw-bytes fuzzer of 100,000 malformed me
 
 Theory of operation:
 
-- The codec (:mod:`lockd.varlink`) is sans-IO, so hypothesis drives it in-process: arbitrary
+- The codec (:mod:`lockd.wire.varlink`) is sans-IO, so hypothesis drives it in-process: arbitrary
   bytes in arbitrary chunks, arbitrary JSON-ish messages and parameter values may only ever
   raise ``ProtocolError`` or ``InvalidParameter``; anything the encoder writes, cut anywhere,
   decodes back to the same calls.
@@ -45,7 +45,7 @@ from scale import size
 
 from lockd import errors
 from lockd.errors import InvalidParameter, ProtocolError
-from lockd.varlink import (
+from lockd.wire.varlink import (
     MAX_DEPTH,
     Call,
     Decoder,

@@ -19,7 +19,7 @@ from e2e import Daemon, Owners, hold_lock, message, probe, probe_setlk_elsewhere
 from test_verify import setlk, steal_fd
 
 from lockd import errors
-from lockd.service import LOST_EARLIER
+from lockd.service.service import LOST_EARLIER
 
 
 def wait_exit(p, timeout: float = 15.0) -> int:

@@ -157,8 +157,8 @@ def test_prometheus_client_only_when_asked(
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # `python -X importtime`, via the env
     plain = make_daemon()
     text = _imports(plain)
-    assert "lockd.server" in text  # the report is there
-    assert "prometheus_client" not in text and "lockd.exposition" not in text
+    assert "lockd.frontends.server" in text  # the report is there
+    assert "prometheus_client" not in text and "lockd.ctl.exposition" not in text
     (tmp_path / "tf").mkdir()
     with_key = make_daemon(config=f'metrics_textfile_dir = "{tmp_path / "tf"}"\n')
     wait_until(lambda: (tmp_path / "tf" / "lockd.prom").exists(), 15, 0.05, what="textfile")

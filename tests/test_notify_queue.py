@@ -1,4 +1,5 @@
-"""lockd/notify.py against a supervisor that stops reading its notify socket, or reads it slowly.
+"""lockd/systemd/notify.py against a supervisor that stops reading its notify socket, or reads it
+slowly.
 
 A datagram receiver whose queue is full (net.unix.max_dgram_qlen) answers EAGAIN. No message
 may then block the event loop: STATUS is dropped at once (it used to spin in CPython's retry
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lockd import notify
+from lockd.systemd import notify
 
 
 def test_status_to_a_full_notify_queue_is_dropped_at_once(

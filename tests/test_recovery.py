@@ -207,7 +207,7 @@ def test_journal_of_schema_002_is_migrated_with_its_leases(
     """A journal as lockd left it before migration 003 (leases keyed by id, a resources
     table): the new daemon migrates it and re-takes its leases with their tokens, and the
     last token of a resource that only history remembers still gates a hand-off."""
-    from lockd.migrations import apply as _apply_migrations
+    from lockd.journaling.migrations import apply as _apply_migrations
 
     o = daemon.register(owners.spawn().pid, name="vm-old")["uuid"]
     daemon.stop()

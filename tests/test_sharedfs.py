@@ -16,7 +16,7 @@ client at once, and the client reconnects ~3 s later (the recipe's finding).
 Every two-host test runs ``lockctl verify`` on each host's lockd (:func:`assert_no_drift`): any
 drift between a daemon's leases and what the storage holds fails it. The kernel keeps no
 record of a lock GlusterFS's FUSE client arbitrates, so verify checks those leases by the
-filesystem's answers (lockd/verify.py); every held lease here must have been checked so.
+filesystem's answers (lockd/ctl/verify.py); every held lease here must have been checked so.
 
 Measured figures (gaps, detection times) are printed at the end of the module.
 """
@@ -120,7 +120,7 @@ def hosts(
 
 def no_drift(report: dict[str, Any], what: str) -> dict[str, Any]:
     """A verify report without drift, in which every held lease on the volume was checked
-    by the filesystem's answers (the kernel has no record of them: lockd/verify.py)."""
+    by the filesystem's answers (the kernel has no record of them: lockd/ctl/verify.py)."""
     assert report["drift"] == [], f"{what}: {report}"
     assert report["remote"] == report["held"], f"{what}: {report}"
     return report

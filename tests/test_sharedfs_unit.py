@@ -1,4 +1,4 @@
-"""lockd/sharedfs.py without a shared filesystem: reading mountinfo, and which mounts count.
+"""lockd/service/sharedfs.py without a shared filesystem: reading mountinfo, and which mounts count.
 
 The mountinfo lines below are in the kernel's format (proc(5)); the GlusterFS ones are copied
 from this machine's /proc/self/mountinfo with the test bed's two mounts. What a real mount
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lockd import sharedfs
+from lockd.service import sharedfs
 
 GLUSTER = (
     "42 27 0:39 / /tmp/lkd-gl.x/mnt/a rw,relatime - fuse.glusterfs vm:lockdvol "

@@ -1,4 +1,4 @@
-"""The storage threads of shared lockspaces (lockd/sharedio.py): a call that blocks in the
+"""The storage threads of shared lockspaces (lockd/service/sharedio.py): a call that blocks in the
 kernel is given up after its bound with a named error, the thread stuck on it refuses later
 calls at once, and what it returns after its caller gave up is abandoned (closed), never
 delivered.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lockd.errors import LimitExceeded
-from lockd.sharedio import StorageWorker
+from lockd.service.sharedio import StorageWorker
 
 
 def _wait_for(pred: object, timeout: float = 5.0) -> None:
@@ -94,8 +94,8 @@ def test_storage_workers_by_name_alone(tmp_path: Path) -> None:
     is touched: those forced shared by the configuration, and those whose directory lies (by
     name) on a network or FUSE mount in this process's mountinfo; a local one gets none."""
     from lockd.config import Config
-    from lockd.lockspace import Lockspaces
-    from lockd.sharedfs import is_shared, parse_mountinfo, storage_workers
+    from lockd.locks.lockspace import Lockspaces
+    from lockd.service.sharedfs import is_shared, parse_mountinfo, storage_workers
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -180,7 +180,7 @@ def user_manager() -> Iterator[sd.UserManager]:
 def systemd_verify(m: sd.UserManager) -> tuple[int, dict[str, Any]]:
     env = {k: v for k, v in m.client_env().items() if not k.startswith("LOCKD_")}
     out = subprocess.run(
-        [sys.executable, "-m", "lockd.cli", "--socket", str(m.socket), "--admin-socket",
+        [sys.executable, "-m", "lockd.ctl.cli", "--socket", str(m.socket), "--admin-socket",
          str(m.admin_socket), "--timeout", "30", "verify", "--user", "-J"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -166,12 +166,12 @@ def test_register_waits_for_the_death_in_process(tmp_path: Path, owners: Owners)
     dead and reaped, and the event loop has not yet run its pidfd callback, when the new
     process registers under the same uuid."""
     from lockd.config import Config
-    from lockd.journal import Journal
-    from lockd.leases import LeaseTable
-    from lockd.lockspace import Lockspaces
-    from lockd.notify import FdStore
-    from lockd.process import Peer
-    from lockd.service import GroupCommit, LockService
+    from lockd.journaling.journal import Journal
+    from lockd.locks.leases import LeaseTable
+    from lockd.locks.lockspace import Lockspaces
+    from lockd.locks.process import Peer
+    from lockd.service.service import GroupCommit, LockService
+    from lockd.systemd.notify import FdStore
 
     disk = make_files(tmp_path / "res", 1)[0]
 

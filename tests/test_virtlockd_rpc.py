@@ -1,4 +1,5 @@
-"""The virtlockd-protocol codec (lockd/virtlockd_rpc.py) against the bytes libvirt really sends.
+"""The virtlockd-protocol codec (lockd/wire/virtlockd_rpc.py) against the bytes libvirt really
+sends.
 
 The wire data below are facts copied from a real libvirtd 9.0.0 talking to a real virtlockd
 (the recipe's strace, decoded): the calls libvirtd sends when a domain starts and pauses, and
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lockd import virtlockd_rpc as rpc
+from lockd.wire import virtlockd_rpc as rpc
 
 # --- captured from libvirtd 9.0.0 and virtlockd 9.0.0 (trace of the libvirt recipe) --------------
 # virtlockd #1: domain vl-life (uuid 00000000-e2e0-4000-8000-000000000010, id 1, QEMU pid 240)

@@ -3,7 +3,7 @@
 Theory of operation: the differential tests send the same conversations to libvirt's real
 virtlockd and to lockd's virtlockd front end and compare the replies. So that a bug in lockd's
 codec cannot hide behind the same bug here, this module shares no code with
-``lockd.virtlockd_rpc``: it is written again from libvirt's protocol definitions
+``lockd.wire.virtlockd_rpc``: it is written again from libvirt's protocol definitions
 (``src/rpc/virnetprotocol.x``: a 4-byte big-endian length counting itself, six header words
 {program, version, procedure, type, serial, status}; ``src/locking/lock_protocol.x``: program
 0xEA7BEEF version 1, procedures 1-8) with ``struct`` alone, and it decodes every field of an

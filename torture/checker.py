@@ -361,7 +361,7 @@ class Checker:
 
     def _lockctl(self) -> list[tuple[str, str, str, int, str]] | None:
         out = subprocess.run(
-            [sys.executable, "-m", "lockd.cli", "--socket", str(self.lockd.socket),
+            [sys.executable, "-m", "lockd.ctl.cli", "--socket", str(self.lockd.socket),
              "--admin-socket", str(self.lockd.admin_socket), "locks", "-J"],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip

@@ -285,7 +285,8 @@ def lockctl_verify(
     """``lockctl verify`` of one daemon: its report when it found no drift, and the findings
     as (kind, text): each drift (exit code 7), or the command's own failure."""
     out = subprocess.run(
-        [sys.executable, "-m", "lockd.cli", "--admin-socket", str(admin_socket), "verify", "-J"],
+        [sys.executable, "-m", "lockd.ctl.cli", "--admin-socket", str(admin_socket), "verify",
+         "-J"],
         cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     if out.returncode == 7:

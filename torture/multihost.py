@@ -30,7 +30,7 @@ both hosts from outside:
   ``fenced-without-loss``, ``owner-death-not-released``: as in the one-host checker;
 - ``token-went-back``: per daemon (each host has its own token sequence);
 - ``verify-drift`` / ``verify``: at the end, ``lockctl verify`` on each host found drift
-  between its daemon's leases and what the storage holds (lockd/verify.py checks leases on
+  between its daemon's leases and what the storage holds (lockd/ctl/verify.py checks leases on
   the volume by GlusterFS's own answers: the kernel keeps no record of them);
 - plus every violation the client threads name as they go (idempotency, token reuse, ...).
 """

@@ -62,7 +62,7 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
 
 
 def main() -> None:
-    import lockd.cli  # noqa: F401  (warm imports the daemon may make lazily)
+    import lockd.ctl.cli  # noqa: F401  (warm imports the daemon may make lazily)
     import lockd.daemon  # noqa: F401
 
     for line in sys.stdin:

@@ -4,9 +4,9 @@ Theory of operation: argparse turns the command line into a Namespace; a subcomm
 makes one or two Varlink calls through :class:`lockd.client.Client` (the admin socket for
 status, locks, owners, history, force-release and reexec; the main socket for acquire and
 release) and returns the reply parameters unchanged with the key of its object(s). One
-renderer prints any reply (:func:`lockd.cli_output.render`: JSON with ``-J``, else a table
+renderer prints any reply (:func:`lockd.ctl.cli_output.render`: JSON with ``-J``, else a table
 of the columns each object type has there). ``dump`` reads the journal through
-:func:`lockd.journal.dump` instead of the daemon, so it works while lockd is down.
+:func:`lockd.journaling.journal.dump` instead of the daemon, so it works while lockd is down.
 
 Invariants: a user's mistake or a daemon's refusal prints exactly one line on stderr
 (``lockctl: <what is wrong>``) and exits with one of the codes below; only a bug tracebacks.
@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 from lockd import __version__, errors
-from lockd.cli_output import (
+from lockd.config import FENCE_POLICIES, default_admin_socket, default_socket
+from lockd.ctl.cli_output import (
     EVENT_COLUMNS,
     LEASE_COLUMNS,
     OWNER_COLUMNS,
@@ -49,7 +50,6 @@ from lockd.cli_output import (
     render,
     select_columns,
 )
-from lockd.config import FENCE_POLICIES, default_admin_socket, default_socket
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_NOT_HELD, EXIT_LOST = range(7)
 EXIT_DRIFT = 7
@@ -222,7 +222,7 @@ def cmd_metrics(args: argparse.Namespace) -> Result:
 
 
 def cmd_verify(args: argparse.Namespace) -> Result:
-    from lockd import verify
+    from lockd.ctl import verify
 
     with session(args, admin=True) as client:
         try:
@@ -239,7 +239,7 @@ def cmd_verify(args: argparse.Namespace) -> Result:
 
 
 def cmd_dump(args: argparse.Namespace) -> Result:
-    from lockd import journal  # imported late: the journal pulls in sqlite-utils
+    from lockd.journaling import journal  # imported late: the journal pulls in sqlite-utils
 
     state_dir = Path(args.state_dir)
     try:

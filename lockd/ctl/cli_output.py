@@ -1,6 +1,6 @@
 """lockctl's output: columns, tables, ``key: value`` lines and JSON, from reply objects.
 
-Theory of operation: a subcommand of :mod:`lockd.cli` returns a reply and the key of its
+Theory of operation: a subcommand of :mod:`lockd.ctl.cli` returns a reply and the key of its
 object(s); :func:`render` prints it, in the style of lslocks(8). With ``-J`` the reply itself
 as JSON (its top-level key names the objects, as lslocks' ``{"locks": [...]}``); otherwise
 the reply's objects as a table whose columns are described once per object type by
@@ -183,7 +183,7 @@ def render(args: argparse.Namespace, reply: Obj, key: str, columns: list[Column]
 
 
 def render_metrics(reply: Obj, args: argparse.Namespace) -> str:
-    from lockd import exposition  # imported late: prometheus-client only for this command
+    from lockd.ctl import exposition  # imported late: prometheus-client only for this command
 
     return exposition.render(reply["metrics"])
 

@@ -1,7 +1,7 @@
 """Prometheus text exposition of lockd's metrics, with the official ``prometheus-client``.
 
 Theory of operation: :func:`render` turns one ``Metrics`` snapshot (the reply of
-``io.lockd.Admin.Metrics``, built by :func:`lockd.metrics.snapshot`) into the text format
+``io.lockd.Admin.Metrics``, built by :func:`lockd.service.metrics.snapshot`) into the text format
 through a custom collector in a private registry (nothing global, no process or platform
 metrics of the *caller*: ``lockctl metrics`` describes the daemon, not itself).
 :func:`write_textfile` writes the same text for node_exporter's textfile collector

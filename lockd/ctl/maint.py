@@ -1,8 +1,8 @@
 """What the Debian package's maintainer scripts ask the running daemon (DESIGN §11).
 
-    python3 -I -m lockd.maint reexec         re-execute a running lockd into the installed
+    python3 -I -m lockd.ctl.maint reexec         re-execute a running lockd into the installed
                                              version and wait until it answers as that version
-    python3 -I -m lockd.maint check-remove   refuse (exit 1) while lockd holds leases, naming
+    python3 -I -m lockd.ctl.maint check-remove   refuse (exit 1) while lockd holds leases, naming
                                              them, unless LOCKD_FORCE_REMOVE=1
 
 Both talk to the daemon only if systemd says ``lockd.service`` is active: connecting to the
@@ -10,7 +10,7 @@ socket of a stopped lockd would start it (socket activation) just to ask it some
 
 ``reexec`` is the package's upgrade and the needrestart hook's restart: ``systemctl reload``
 (SIGUSR1) makes lockd execute its own file again with every lease fd and both listeners kept
-(lockd/handover.py), so no lock is ever free. The reload returns as soon as the signal is
+(lockd/systemd/handover.py), so no lock is ever free. The reload returns as soon as the signal is
 sent; the new image has answered when Status shows a later ``started_at`` (each image sets its
 own) and this module's version, which is the version just unpacked. A re-exec that failed
 leaves the old image serving ("re-exec failed" in the journal), and this command says so and
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     commands = {"reexec": reexec, "check-remove": check_remove}
     if len(args) != 1 or args[0] not in commands:
-        print(f"usage: python3 -m lockd.maint {'|'.join(commands)}", file=sys.stderr)
+        print(f"usage: python3 -m lockd.ctl.maint {'|'.join(commands)}", file=sys.stderr)
         return 2
     try:
         print(commands[args[0]]())

@@ -10,7 +10,7 @@ Theory of operation: three views of the same leases, taken from outside the daem
    behind each of the daemon's fds: who holds what, exactly), ``/proc/locks`` (every lock on
    the host: the lock must be there too) and an ``F_OFD_GETLK`` probe on byte 0 from a new
    open file description of the lease's path (what another process, e.g. a second QEMU,
-   would be told; :func:`lockd.ofd.holder`).
+   would be told; :func:`lockd.locks.ofd.holder`).
 3. systemd's (when the daemon parks fds in its store): the unit's ``NFileDescriptorStore``
    (``systemctl show``; systemd 252 has no way to list the names), which must equal the
    number of parked lease fds.
@@ -30,7 +30,7 @@ record (``remote`` in the report counts such leases): the fd must still be the l
 (``wrong-file``; an fd the filesystem fails with EBADFD or ENOTCONN lost its lock:
 ``lock-missing``), another open file description must see the lease's mode (``probe``),
 and for an exclusive lease the holder the filesystem names (classic ``F_GETLK``,
-:func:`lockd.ofd.holder_pid`) must be lockd's own pid (``lock-missing`` names the other one).
+:func:`lockd.locks.ofd.holder_pid`) must be lockd's own pid (``lock-missing`` names the other one).
 What that cannot see: which of several shared holders is lockd, a lock held there for no
 lease (``orphan-lock``), and a holder on another host whose pid number happens to be lockd's.
 
@@ -60,7 +60,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from lockd import ofd
+from lockd.locks import ofd
 
 KINDS = (
     "fd-missing",

@@ -2,7 +2,8 @@
 
 Theory of operation: a :class:`CallConnection` is an :class:`asyncio.Protocol` (no stream
 wrappers, no task per connection). Bytes go through the protocol's sans-IO decoder
-(:class:`CallDecoder`: lockd.varlink's or lockd.virtlockd_rpc's) into a queue of calls, and
+(:class:`CallDecoder`: lockd.wire.varlink's or lockd.wire.virtlockd_rpc's) into a queue of calls,
+and
 the queued calls are answered **from** ``data_received``, in the same loop iteration, one
 after another. Each protocol says what a call does (:meth:`CallConnection.start`) and what its
 answer is (:meth:`CallConnection.finish`); this class does the rest:
@@ -42,7 +43,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from lockd.errors import ProtocolError
-from lockd.process import Peer
+from lockd.locks.process import Peer
 
 MAX_QUEUED_CALLS = 64
 

@@ -1,9 +1,10 @@
 """The Varlink server: connections, peer credentials, dispatch, the admin interface.
 
-Theory of operation: each accepted connection is a :class:`~lockd.connection.CallConnection`
+Theory of operation: each accepted connection is a
+:class:`~lockd.frontends.connection.CallConnection`
 (an :class:`asyncio.Protocol`; what every front end shares: calls answered in order from
 ``data_received``, the reply of a journaled request sent inside its commit, flow control)
-whose calls come out of the sans-IO :class:`~lockd.varlink.Decoder`. Replies leave in call
+whose calls come out of the sans-IO :class:`~lockd.wire.varlink.Decoder`. Replies leave in call
 order as Varlink requires, while calls of different connections interleave (and share group
 commits). A handler answers with the reply (a dict), None (Acquire and Release waiting for
 their commit: the service calls the connection's ``answered`` after it, no future, no
@@ -15,7 +16,7 @@ Hostile or broken peers (DESIGN §8):
 - a bad parameter gets a named error and the connection stays usable;
 - a peer that sends faster than it reads is paused (``pause_reading``) once its queue or our
   write buffer is full, so it cannot grow our memory or delay other connections
-  (lockd.connection);
+  (lockd.frontends.connection);
 - a connection that closes mid-request does not cancel the request: the acquire or release
   completes and is journaled, only the reply is dropped. That is what makes a client's retry
   after reconnecting safe (it gets the same answer);
@@ -36,9 +37,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from lockd import __version__, metrics
+from lockd import __version__
 from lockd.config import Config
-from lockd.connection import CallConnection, Listener
 from lockd.errors import (
     InterfaceNotFound,
     InvalidParameter,
@@ -48,10 +48,12 @@ from lockd.errors import (
     PermissionDenied,
     ProtocolError,
 )
-from lockd.leases import WIRE_STATE, Lease, Owner, State
-from lockd.recovery import Report
-from lockd.service import MODES, LockService
-from lockd.varlink import Decoder, Params, call_fields, encode_error, encode_reply
+from lockd.frontends.connection import CallConnection, Listener
+from lockd.locks.leases import WIRE_STATE, Lease, Owner, State
+from lockd.service import metrics
+from lockd.service.recovery import Report
+from lockd.service.service import MODES, LockService
+from lockd.wire.varlink import Decoder, Params, call_fields, encode_error, encode_reply
 
 log = logging.getLogger("lockd")
 
@@ -84,7 +86,7 @@ def _released_reply(released: dict[str, Any]) -> dict[str, Any]:
 
 
 class Connection(CallConnection[dict[str, Any]]):
-    """A Varlink connection (lockd.connection: calls answered in order, flow control)."""
+    """A Varlink connection (lockd.frontends.connection: calls answered in order, flow control)."""
 
     def __init__(self, server: Server, admin: bool) -> None:
         decoder = Decoder(server.config.max_message)
@@ -330,7 +332,7 @@ class Server(Listener):
             for lease in owner.leases.values():
                 if lease.state == State.LOST:
                     # the loss's own time and reason (run time or recovery, this daemon's
-                    # or an earlier one's): lockd/service.py, lost_event
+                    # or an earlier one's): lockd/service/service.py, lost_event
                     event = self.service.lost_event(lease)
                     conn.send(encode_reply({"event": event}, True))
             while True:

@@ -2,11 +2,12 @@
 
 Theory of operation: libvirtd's ``lockd`` lock driver talks to ``/run/libvirt/virtlockd-sock``.
 Each accepted connection is a :class:`VirtlockdConnection`, a
-:class:`~lockd.connection.CallConnection` as the Varlink server's are: bytes go through the
-sans-IO :mod:`lockd.virtlockd_rpc` decoder, and the connection's calls are answered one after
+:class:`~lockd.frontends.connection.CallConnection` as the Varlink server's are: bytes go through
+the
+sans-IO :mod:`lockd.wire.virtlockd_rpc` decoder, and the connection's calls are answered one after
 another, from ``data_received``, each before the next starts; ACQUIRE and RELEASE take the
 service's fast path (no task; the reply leaves inside the commit that journals them).
-The procedures map onto :class:`~lockd.service.LockService`:
+The procedures map onto :class:`~lockd.service.service.LockService`:
 
 - **REGISTER** binds the connection to an owner {uuid = the domain's uuid, name, domain id,
   pid = the QEMU process}: ``register`` of the service, journaled like any owner. libvirtd
@@ -39,7 +40,7 @@ Decisions:
   only files it could open itself; creating lockspaces and lease files is root's only.
 - lockd never creates or deletes files in the direct lockspace (those are disk images):
   CREATE_RESOURCE / DELETE_RESOURCE there are refused, and AUTOCREATE creates nothing there.
-- Limits and hostile peers as for Varlink (lockd.connection): frames are bounded
+- Limits and hostile peers as for Varlink (lockd.frontends.connection): frames are bounded
   (virtlockd_rpc.MAX_FRAME), a framing error closes the connection (virtlockd does the
   same), a peer that sends faster than it reads is paused, and a connection that closes
   mid-call does not cancel the call.
@@ -55,9 +56,7 @@ import os
 import socket
 from typing import Any
 
-from lockd import ofd
 from lockd.config import Config
-from lockd.connection import CallConnection, Listener
 from lockd.errors import (
     InvalidParameter,
     InvalidResource,
@@ -71,10 +70,12 @@ from lockd.errors import (
     ProtocolError,
     ResourceBusy,
 )
-from lockd.leases import Lease, Owner
-from lockd.lockspace import DIRECT, check_path
-from lockd.service import LockService
-from lockd.virtlockd_rpc import (
+from lockd.frontends.connection import CallConnection, Listener
+from lockd.locks import ofd
+from lockd.locks.leases import Lease, Owner
+from lockd.locks.lockspace import DIRECT, check_path
+from lockd.service.service import LockService
+from lockd.wire.virtlockd_rpc import (
     ACQUIRE_AUTOCREATE,
     ACQUIRE_SHARED,
     ERR_INTERNAL_ERROR,
@@ -157,7 +158,7 @@ def busy(name: str) -> Refused:
 
 
 class VirtlockdConnection(CallConnection[Event]):
-    """A virtlockd-protocol connection (lockd.connection: calls answered in order, flow
+    """A virtlockd-protocol connection (lockd.frontends.connection: calls answered in order, flow
     control). ACQUIRE and RELEASE take the service's fast path (``acquire_nowait``,
     ``release_nowait``: no future, no task, the reply sent inside the commit); REGISTER, NEW and
     CREATE_LOCKSPACE await the service and run as a task; the others answer at once.
@@ -362,7 +363,7 @@ class VirtlockdConnection(CallConnection[Event]):
         try:
             await self.service.add_lockspace(path, path)
         except InvalidResource as exc:
-            # on storage whose locks do not keep hosts apart (lockd/sharedfs.py): libvirt's
+            # on storage whose locks do not keep hosts apart (lockd/service/sharedfs.py): libvirt's
             # lock driver fails to load on this error, naming the mount and the fix
             reason = str(exc.parameters.get("reason", exc))
             raise _refuse(ERR_OPERATION_UNSUPPORTED, FROM_LOCKSPACE, reason) from None

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lockd.errors import JournalError
-from lockd.journal import REGROUPED, Journal, Write, set_meta
+from lockd.journaling.journal import REGROUPED, Journal, Write, set_meta
 
 log = logging.getLogger("lockd")
 

@@ -1,4 +1,5 @@
-"""The journal: one SQLite file; the only module that speaks SQL (with lockd/migrations.py).
+"""The journal: one SQLite file; the only module that speaks SQL (with
+lockd/journaling/migrations.py).
 
 Theory of operation (DESIGN §4): the daemon's state is a few small tables (owners, leases
 keyed by token, a meta key/value table) that recovery reads whole; ``grants``, each owner's
@@ -23,7 +24,8 @@ recovery grows with the operations ever done.
   batch runs as one ``executemany`` per statement rather than one call per request, and its
   events (the pseudo-statement :data:`EVENT`) as one history row.
 - Schema changes are numbered SQL files in ``schema/`` applied by sqlite-utils'
-  :class:`~sqlite_utils.migrations.Migrations` (:mod:`lockd.migrations`), in a child process
+  :class:`~sqlite_utils.migrations.Migrations` (:mod:`lockd.journaling.migrations`), in a child
+  process
   and only when one is pending (its import alone costs more time than recovering thousands of
   leases, and more memory than 2,000 leases); a journal carrying a migration this build does
   not know was written by a newer lockd and is refused (never downgraded in place).
@@ -50,13 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from lockd import migrations
 from lockd.errors import JournalError
 from lockd.errors import JournalUnreadable as JournalUnreadable  # importable from here, as before
-from lockd.migrations import PAGE_SIZE
+from lockd.journaling import migrations
+from lockd.journaling.migrations import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from lockd.leases import Lease
+    from lockd.locks.leases import Lease
 
 
 # One journal write: a statement and its parameters. The daemon's hot path builds these with

@@ -7,7 +7,7 @@ compares that record with the files this build has and says which are still to a
 journal that records a migration this build does not know was written by a newer lockd and is
 refused, and an SQLite file without the record but with tables is not a lockd journal and is
 refused too. Refused means :class:`~lockd.errors.JournalUnreadable`, with the file left as it
-was: :class:`lockd.journal.Journal` judges an existing file read-only first.
+was: :class:`lockd.journaling.journal.Journal` judges an existing file read-only first.
 
 Pending migrations run in a short-lived child (:func:`migrate_in_child`), never in the
 daemon: importing sqlite-utils (click, dateutil, ctypes, ...) costs ~0.1-0.25 s of start-up,
@@ -37,7 +37,7 @@ PAGE_SIZE = 1024  # for new journals: see Journal.__init__
 
 # lockd is installed as files (setuptools, never zipped): the schema is beside this module.
 # (importlib.resources would say the same and cost ~3 ms of every start to import.)
-SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 
 
 def _names() -> list[str]:
@@ -119,7 +119,7 @@ def migrate_in_child(path: Path, names: set[str]) -> None:
     in WAL mode; the daemon opens the file only once the child is gone (it then holds the
     file's lock for its whole life)."""
     proc = subprocess.run(
-        # -c, not -m lockd.migrations: runpy cannot run a module compiled with mypyc
+        # -c, not -m lockd.journaling.migrations: runpy cannot run a module compiled with mypyc
         [sys.executable, "-c", _MIGRATE_CHILD, str(path), *sorted(names)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -130,7 +130,9 @@ def migrate_in_child(path: Path, names: set[str]) -> None:
         raise JournalUnreadable(f"cannot migrate the lockd journal {path}: {lines[-1]}")
 
 
-_MIGRATE_CHILD = "import sys; from lockd.migrations import _migrate_main; sys.exit(_migrate_main())"
+_MIGRATE_CHILD = (
+    "import sys; from lockd.journaling.migrations import _migrate_main; sys.exit(_migrate_main())"
+)
 
 
 def _migrate_main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ there. The server drives the events in the order the crash protocol demands (DES
                                           \\--failed--> HELD             (lock kept)
     lost:     LOST --release--> RELEASING_LOST --committed--> RELEASED
     dropped:  HELD --lose--> LOST   (at run time: the shared filesystem dropped the lock
-                                     behind our back, lockd/sharedfs.py found it)
+                                     behind our back, lockd/service/sharedfs.py found it)
     recovery: RECOVERING --adopt|retake--> HELD, --lose--> LOST,
               --owner-dead--> RELEASING
 

@@ -32,9 +32,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lockd import ofd
 from lockd.errors import InvalidResource
-from lockd.ofd import Locked
+from lockd.locks import ofd
+from lockd.locks.ofd import Locked
 
 DIRECT = ""
 # what names the direct lockspace in a request (absent, empty, or its name)

@@ -1,13 +1,13 @@
 """What the daemon counts, and the one snapshot of it that ``io.lockd.Admin.Metrics`` answers.
 
-Theory of operation: the lock service keeps :class:`Counters`, plain integer attributes that
-the hot path increments (one attribute add per grant or release: no locks, no label lookups,
-no library), and everything else a metric needs is read when asked: the lease table (leases
-by lockspace, mode and state; owners), the journal's files (``os.stat``), the last
-recovery's report and the fd store's bookkeeping. :func:`snapshot` builds the wire object of
-``schema/io.lockd.Admin.varlink``'s ``Metrics`` type from them.
+Theory of operation: the lock service keeps :class:`lockd.service.counters.Counters`, plain
+integer attributes that the hot path increments (one attribute add per grant or release: no
+locks, no label lookups, no library), and everything else a metric needs is read when
+asked: the lease table (leases by lockspace, mode and state; owners), the journal's files
+(``os.stat``), the last recovery's report and the fd store's bookkeeping. :func:`snapshot`
+builds the wire object of ``schema/io.lockd.Admin.varlink``'s ``Metrics`` type from them.
 
-Rendering in Prometheus' text format is :mod:`lockd.exposition`'s job, with the official
+Rendering in Prometheus' text format is :mod:`lockd.ctl.exposition`'s job, with the official
 ``prometheus-client``; this module never imports it, so a daemon that does not write a
 node_exporter textfile never loads it (start-up time after a crash matters).
 
@@ -21,34 +21,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lockd import __version__
-from lockd.leases import WIRE_STATE, FdNames
+from lockd.locks.leases import WIRE_STATE, FdNames
 
 if TYPE_CHECKING:
-    from lockd.recovery import Report
-    from lockd.service import LockService
+    from lockd.service.recovery import Report
+    from lockd.service.service import LockService
 
 MODES = ("exclusive", "shared")
 STATES = ("held", "lost")
-
-
-@dataclass(slots=True)
-class Counters:
-    """Cumulative since this daemon process started."""
-
-    grants: int = 0  # new leases journaled (an idempotent repeat is not a grant)
-    releases: int = 0  # released by their owner's client
-    owner_releases: int = 0  # released because their owner process died
-    force_releases: int = 0  # released by an administrator (ForceRelease)
-    conflicts: int = 0  # Acquire answered ResourceBusy
-    # leases that became lost: at this process's recovery (recovery.Report.lost) or while it
-    # ran (a shared filesystem dropped the lock: LockService.lease_lost)
-    lost: int = 0
-    fenced: int = 0  # owners signalled by their fence policy
 
 
 def lockspace_label(lockspace: str) -> str:

@@ -1,6 +1,6 @@
 """Owners of the lock service: registration, the watch on their processes, fencing, Watch.
 
-Theory of operation: :class:`Owners` is the half of :class:`lockd.service.LockService` that
+Theory of operation: :class:`Owners` is the half of :class:`lockd.service.service.LockService` that
 deals with owner processes rather than leases (LockService inherits it; front ends call these
 methods on the service, as before). An owner is a process, named by a uuid (given, or derived
 from boot id, pid and start time, so registering one process twice without a uuid names the
@@ -15,7 +15,7 @@ same owner), journaled with its fence policy.
   process registers -- a VM manager restarts a VM under the same uuid at once.
 - A death is started once per owner (``owner_gone``: the task is kept on ``Owner.dying``);
   what it releases, in crash-protocol order, is the lease side's
-  (:meth:`lockd.service.LockService.owner_died`).
+  (:meth:`lockd.service.service.LockService.owner_died`).
 - ``unregister`` forgets an owner that holds no lease (lockctl's undo of a Register whose
   Acquire failed); leases end only by a release, the owner's death or an administrator.
 - ``fence`` applies an owner's policy when it lost a lease (``kill``: SIGKILL; ``term``:
@@ -38,7 +38,6 @@ import uuid as uuidlib
 from collections.abc import Iterable
 from typing import Any
 
-from lockd import process
 from lockd.config import FENCE_POLICIES, Config
 from lockd.errors import (
     InvalidParameter,
@@ -47,10 +46,11 @@ from lockd.errors import (
     NoSuchOwner,
     PermissionDenied,
 )
-from lockd.groupcommit import GroupCommit
-from lockd.journal import delete_owner, owner_event, put_owner
-from lockd.leases import Lease, LeaseTable, Owner
-from lockd.metrics import Counters
+from lockd.journaling.groupcommit import GroupCommit
+from lockd.journaling.journal import delete_owner, owner_event, put_owner
+from lockd.locks import process
+from lockd.locks.leases import Lease, LeaseTable, Owner
+from lockd.service.counters import Counters
 
 log = logging.getLogger("lockd")
 

@@ -6,7 +6,7 @@ one, in journal order:
 1. its owner is dead (the pid is gone, or its start time or boot id differ) -> release it;
 2. its fd came back from systemd's fd store (matched by FDNAME, never by position) -> held,
    continuity ``kept``: the kernel lock never dropped; unless locking it again fails with an
-   errno of :data:`lockd.ofd.LOCK_DROPPED_ERRNOS` (EBADFD: a shared filesystem dropped the
+   errno of :data:`lockd.locks.ofd.LOCK_DROPPED_ERRNOS` (EBADFD: a shared filesystem dropped the
    lock while the fd sat in the store) -> ``lost``, as someone may have held it meanwhile;
 3. otherwise open and lock again -> held, continuity ``retaken`` (a gap: the lock was free
    between our death and now), or EAGAIN / the file is gone -> ``lost``, and the owner's
@@ -31,9 +31,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lockd import failpoint, ofd, process
+from lockd import failpoint
 from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
-from lockd.journal import (
+from lockd.journaling.journal import (
     Journal,
     Write,
     delete_owner,
@@ -42,9 +42,10 @@ from lockd.journal import (
     set_lease_state,
     set_meta,
 )
-from lockd.leases import Event, Lease, LeaseTable, Owner, State
-from lockd.lockspace import DIRECT, Lockspaces, direct_key
-from lockd.sharedio import StorageWorker
+from lockd.locks import ofd, process
+from lockd.locks.leases import Event, Lease, LeaseTable, Owner, State
+from lockd.locks.lockspace import DIRECT, Lockspaces, direct_key
+from lockd.service.sharedio import StorageWorker
 
 log = logging.getLogger("lockd")
 EXCLUSIVE, SHARED = "exclusive", "shared"
@@ -78,7 +79,7 @@ class Outcome:
     # owners with lost leases, to fence once the event loop runs
     to_fence: dict[str, list[Lease]]
     # leases whose shared storage did not answer in time: re-taken in the background
-    # (lockd/sharedio.py), recovering meanwhile
+    # (lockd/service/sharedio.py), recovering meanwhile
     pending: list[Lease]
 
 
@@ -127,7 +128,7 @@ def recover(
     """Rebuild the lease table from the journal. ``stored``: FDNAME -> fd from the fd store;
     the fds used are removed from it, the rest are strays for the caller to close.
     ``workers``: the lockspaces on shared storage, whose lease files are touched only in
-    their own thread, with a bound (lockd/sharedio.py): a stored fd whose check does not
+    their own thread, with a bound (lockd/service/sharedio.py): a stored fd whose check does not
     answer is adopted unchecked (the verifier probes it once the loop runs); a lease that
     must be locked again and cannot be in time stays recovering (``Outcome.pending``)."""
     t0 = time.monotonic()

@@ -11,7 +11,7 @@ has a failpoint so tests can crash the daemon between any two of them:
   unlock and close -> reply. A lock is never dropped before its release is journaled, so
   recovery can never re-grab a lock someone else took after us.
 
-Group commit (:class:`~lockd.groupcommit.GroupCommit`): the writes of the requests that
+Group commit (:class:`~lockd.journaling.groupcommit.GroupCommit`): the writes of the requests that
 arrive in one loop iteration are journaled in one transaction; then, in submission order,
 each request's post-commit step (settle the lease, drop a released lock) runs and its answer
 goes to whoever waits for it. A reply is never sent before its commit.
@@ -36,14 +36,14 @@ Invariants: a lease is in ``LeaseTable`` iff its kernel lock is held by us (or i
 its own uid.
 
 Owners (register, find_owner, the pidfd watch, unregister, fence, Watch's queues) are the
-service's other half, :class:`lockd.owners.Owners`, which LockService inherits: the methods
+service's other half, :class:`lockd.service.owners.Owners`, which LockService inherits: the methods
 are the service's, the code is there. Owner death stays here: it is a release, in the order
 above.
 
 General capabilities that the libvirt drop-in (virtlockd_server.py) needed, added here
 because any front end may use them (nothing here knows virtlockd's protocol):
 - ``register`` of a uuid whose process has exited but whose death is not processed yet
-  (lockd/owners.py); an owner's ``domain_id``.
+  (lockd/service/owners.py); an owner's ``domain_id``.
 - ``held_by`` / ``holders``: who holds a resource, for a protocol whose answers depend on it
   (virtlockd tells "not locked" from "held by another owner").
 - ``add_lockspace``: a named lockspace (lease files named by the client, lockspace.py)
@@ -61,7 +61,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lockd import failpoint, ofd, process
+from lockd import failpoint
 from lockd.config import Config
 from lockd.errors import (
     JournalError,
@@ -74,9 +74,11 @@ from lockd.errors import (
     ResourceBusy,
     TokenMismatch,
 )
-from lockd.groupcommit import Done, T, resolving
-from lockd.groupcommit import GroupCommit as GroupCommit  # importable from here too, as before
-from lockd.journal import (
+from lockd.journaling.groupcommit import Done, T, resolving
+from lockd.journaling.groupcommit import (
+    GroupCommit as GroupCommit,  # importable from here too, as before
+)
+from lockd.journaling.journal import (
     Journal,
     delete_owner,
     end_writes,
@@ -86,12 +88,13 @@ from lockd.journal import (
     put_lockspace,
     set_lease_state,
 )
-from lockd.leases import Event, FdNames, Lease, LeaseTable, Owner, State
-from lockd.lockspace import DIRECT, Lockspaces
-from lockd.metrics import Counters
-from lockd.notify import FdStore
-from lockd.owners import Owners
-from lockd.sharedio import StorageWorker
+from lockd.locks import ofd, process
+from lockd.locks.leases import Event, FdNames, Lease, LeaseTable, Owner, State
+from lockd.locks.lockspace import DIRECT, Lockspaces
+from lockd.service.counters import Counters
+from lockd.service.owners import Owners
+from lockd.service.sharedio import StorageWorker
+from lockd.systemd.notify import FdStore
 
 log = logging.getLogger("lockd")
 
@@ -135,7 +138,7 @@ def released_wire(lease: Lease | None = None, **fields: Any) -> dict[str, Any]:
 
 class LockService(Owners):
     """The one lock service (see the module docstring); its owner side is
-    :class:`lockd.owners.Owners`."""
+    :class:`lockd.service.owners.Owners`."""
 
     def __init__(
         self,
@@ -159,7 +162,7 @@ class LockService(Owners):
         self._registering: dict[str, asyncio.Future[None]] = {}
         # owner uuid -> queues of Watch subscribers
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
-        # cumulative since start (lockd.metrics): plain integer increments on the hot path
+        # cumulative since start (lockd.service.metrics): plain integer increments on the hot path
         self.counters = Counters()
         # Lease.settled of a lease whose commit is in flight and whom nobody waits for yet
         # (see the module docstring): never resolved, never awaited
@@ -168,16 +171,17 @@ class LockService(Owners):
         # without a reason history still holds)
         self.started_at = time.time()
         # called with the lockspace before a new lease in an indirect lockspace is locked;
-        # raises to refuse it (lockd/sharedfs.py: storage that can drop a lock silently)
+        # raises to refuse it (lockd/service/sharedfs.py: storage that can drop a lock silently)
         self.admit_indirect: Callable[[str], None] | None = None
         # called with (name, directory) before a named lockspace is added, and when an
-        # existing one is asked for again; raises to refuse it (lockd/sharedfs.py)
+        # existing one is asked for again; raises to refuse it (lockd/service/sharedfs.py)
         self.admit_lockspace: Callable[[str, str], None] | None = None
         # lockspace -> the thread its blocking file operations run in: those on shared
-        # storage, which can stop answering (lockd/sharedio.py; filled by lockd/sharedfs.py)
+        # storage, which can stop answering (lockd/service/sharedio.py; filled by
+        # lockd/service/sharedfs.py)
         self.shared_io: dict[str, StorageWorker] = {}
 
-    # -- owner death (the rest of an owner's life: lockd/owners.py) ------------------------
+    # -- owner death (the rest of an owner's life: lockd/service/owners.py) ------------------------
     async def owner_died(self, owner: Owner, reason: str) -> None:
         """Release every lease of a dead owner (commit first, then drop the kernel locks)."""
         self.forget_owner(owner)  # no new request can name it from here on
@@ -550,7 +554,8 @@ class LockService(Owners):
         """Add a named lockspace (lease files named by the client, lockspace.py) at run time,
         journaled so that it outlives a restart. False if it exists already. The directory
         must exist (the caller makes it, with the errors its protocol wants). Its storage is
-        checked first, also for one that exists (InvalidResource: refused, lockd/sharedfs.py)."""
+        checked first, also for one that exists (InvalidResource: refused,
+        lockd/service/sharedfs.py)."""
         if self.admit_lockspace is not None:
             self.admit_lockspace(name, directory)
         if name in self.lockspaces.named:

@@ -60,17 +60,17 @@ the client's locks, and another host takes the resource. Three things here:
    While its slice is probed a lease counts as busy (``Lease.settled``), so a release or an
    owner's death waits for the probe, as for a commit, and no fd is closed under it.
 
-   - ``F_OFD_GETLK`` on the lease's own fd (:func:`lockd.ofd.conflict`): another holder's
-     conflicting lock, or an errno of :data:`lockd.ofd.LOCK_DROPPED_ERRNOS` (EBADFD after a
+   - ``F_OFD_GETLK`` on the lease's own fd (:func:`lockd.locks.ofd.conflict`): another holder's
+     conflicting lock, or an errno of :data:`lockd.locks.ofd.LOCK_DROPPED_ERRNOS` (EBADFD after a
      GlusterFS reconnect, ENOTCONN, EIO, ESTALE), means the lock is gone;
    - on storage not known to report a drop (everything but GlusterFS with strict-locks on):
-     also ``F_OFD_GETLK`` from a fresh fd of the lease file (:func:`lockd.ofd.holder`), which
+     also ``F_OFD_GETLK`` from a fresh fd of the lease file (:func:`lockd.locks.ofd.holder`), which
      sees our own lock too: nobody holding the byte means it was dropped silently.
 
    A loss takes the one lost path (:meth:`LockService.lease_lost`): HELD -> LOST, journaled
    with an event, the fd closed, Watch told, the owner fenced by its policy. GETLK never
    takes a lock, so a probe never changes what it looks at. Acquire and release there run
-   in the lockspace's own thread, with a bound (:class:`lockd.sharedio.StorageWorker`,
+   in the lockspace's own thread, with a bound (:class:`lockd.service.sharedio.StorageWorker`,
    registered here for every lockspace classified shared).
 
 Invariants: a local lockspace is never probed; a lease is probed only while it is HELD with
@@ -93,13 +93,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from lockd import ofd
 from lockd.config import Config
 from lockd.errors import InvalidResource, LimitExceeded
-from lockd.leases import Lease, State
-from lockd.lockspace import Lockspaces
-from lockd.service import LockService
-from lockd.sharedio import StorageWorker
+from lockd.locks import ofd
+from lockd.locks.leases import Lease, State
+from lockd.locks.lockspace import Lockspaces
+from lockd.service.service import LockService
+from lockd.service.sharedio import StorageWorker
 
 log = logging.getLogger("lockd")
 T = TypeVar("T")
@@ -399,7 +399,7 @@ class Verifier:
         worker = self.service.shared_io.get(ls)
         if worker is None:
             new = classify(ls, directory, forced)
-        else:  # shared by its name: the mount may not answer (lockd/sharedio.py)
+        else:  # shared by its name: the mount may not answer (lockd/service/sharedio.py)
             try:
                 new = worker.call_sync(functools.partial(classify, ls, directory, forced))
             except LimitExceeded as exc:  # shared, its mount unknown until a restart

@@ -7,7 +7,7 @@ holds them until the client's ``network.ping-timeout`` (42 s by default), an NFS
 for ever. On the event loop that stalls every client of lockd, local disks included, and
 systemd's watchdog aborts a daemon that hangs again in recovery. So the blocking file
 operations of lockspaces on shared storage (the indirect and named ones
-:class:`lockd.sharedfs.Verifier` classifies as shared) run in one thread per lockspace, in
+:class:`lockd.service.sharedfs.Verifier` classifies as shared) run in one thread per lockspace, in
 order, and each acquire waits at most :data:`SHARED_IO_TIMEOUT` seconds: then it fails with
 ``LimitExceeded`` (limit ``shared-storage-timeout``) naming the lockspace, and while that
 thread is still stuck, later ones fail at once the same way (one thread per hung lockspace,
@@ -37,16 +37,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from lockd import ofd
 from lockd.errors import InvalidResource, LimitExceeded, PermissionDenied, ResourceBusy
-from lockd.groupcommit import Done, resolving
-from lockd.journal import lease_event
-from lockd.leases import Event, Lease
-
-if TYPE_CHECKING:
-    from lockd.service import LockService
+from lockd.journaling.groupcommit import Done, GroupCommit, resolving
+from lockd.journaling.journal import lease_event
+from lockd.locks import ofd
+from lockd.locks.leases import Event, Lease, LeaseTable
+from lockd.locks.lockspace import Lockspaces
+from lockd.systemd.notify import FdStore
 
 log = logging.getLogger("lockd")
 T = TypeVar("T")
@@ -58,6 +57,31 @@ RETRY_EVERY = 1.0  # seconds between two tries of a background re-take
 
 # the thread's way to hand a result (or an exception) back to the caller
 Deliver = Callable[[Any, "BaseException | None"], None]
+
+
+class LockService(Protocol):
+    """What this module uses of :class:`lockd.service.service.LockService`, which calls it
+    (described here rather than imported, so the two modules do not import each other)."""
+
+    loop: asyncio.AbstractEventLoop
+    lockspaces: Lockspaces
+    table: LeaseTable
+    commit: GroupCommit
+    fdstore: FdStore
+    in_flight: asyncio.Future[None]
+    shared_io: dict[str, StorageWorker]
+
+    async def acquire(self, *request: Any) -> Lease: ...
+
+    def busy(self, ls: str, resource: str, mode: str) -> ResourceBusy: ...
+
+    def grant(self, *args: Any) -> None: ...
+
+    def lease_lost(self, lease: Lease, reason: str) -> asyncio.Task[None]: ...
+
+    def settle(self, lease: Lease) -> None: ...
+
+    def settled(self, lease: Lease) -> asyncio.Future[None]: ...
 
 
 class _Job:
@@ -172,7 +196,7 @@ class StorageWorker:
             raise exc
         return result  # type: ignore[no-any-return]
 
-    # -- what the lock service does here (lockd/service.py) ---------------------------------
+    # -- what the lock service does here (lockd/service/service.py) --------------------------------
 
     def acquire(
         self, service: LockService, request: tuple[Any, ...], ls: str, rkey: str, done: Done
