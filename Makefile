@@ -10,8 +10,9 @@ setup:
 run: setup
 	.venv/bin/lockd $(ARGS)
 
+# Two workers (tests/conftest.py says which files must run one after another).
 test: setup
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The tests marked `scale` at the size the docs' figures were measured at (tests/scale.py):
 # 10,000 leases under systemd, 3,000 re-parked at a start, a 20 s symlink race, 100,000

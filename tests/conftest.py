@@ -23,6 +23,29 @@ def pytest_configure(config: pytest.Config) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+# Tests that take a machine-wide resource run one file after another in one xdist worker
+# (`make test` runs two, -n 2 --dist loadgroup): glusterd's fixed port 24007
+# (gluster_harness), the containers with systemd as PID 1 and libvirtd, the package
+# installs, and the README's namespaces. Every other file is a group of its own, so its
+# module-scoped daemons start once, on whichever worker runs it.
+MACHINE_WIDE = {
+    "test_cluster.py",
+    "test_deb.py",
+    "test_libvirt.py",
+    "test_readme.py",
+    "test_sharedfs.py",
+    "test_systemd.py",
+    "test_torture_multihost.py",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        group = "machine-wide" if name in MACHINE_WIDE else name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     outcome = yield
