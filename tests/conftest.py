@@ -27,10 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
 # (`make test` runs two, -n 2 --dist loadgroup): glusterd's fixed port 24007
 # (gluster_harness), the containers with systemd as PID 1 and libvirtd, the package
 # installs, and the README's namespaces. Every other file is a group of its own, so its
-# module-scoped daemons start once, on whichever worker runs it.
+# module-scoped daemons start once, on whichever worker runs it. The package's tests
+# (test_deb.py) run after all of them, alone (the Makefile says why).
 MACHINE_WIDE = {
     "test_cluster.py",
-    "test_deb.py",
     "test_libvirt.py",
     "test_readme.py",
     "test_sharedfs.py",
