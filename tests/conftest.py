@@ -23,14 +23,15 @@ def pytest_configure(config: pytest.Config) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-# Tests that take a machine-wide resource run one file after another in one xdist worker
-# (`make test` runs two, -n 2 --dist loadgroup): glusterd's fixed port 24007
+# Files whose tests take a machine-wide resource: glusterd's fixed port 24007
 # (gluster_harness), the containers with systemd as PID 1 and libvirtd, the package
-# installs, and the README's namespaces. Every other file is a group of its own, so its
-# module-scoped daemons start once, on whichever worker runs it. The package's tests
-# (test_deb.py) run after all of them, alone (the Makefile says why).
+# installs, the README's namespaces. `make test` runs every other file on two xdist
+# workers, then these (marker `machine_wide`) one after another in one process: under two
+# workers they met each other's beds and overlays (test_sharedfs found port 24007 taken, two
+# package tests found lockctl gone from their host's overlay).
 MACHINE_WIDE = {
     "test_cluster.py",
+    "test_deb.py",
     "test_libvirt.py",
     "test_readme.py",
     "test_sharedfs.py",
@@ -41,9 +42,8 @@ MACHINE_WIDE = {
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        name = item.path.name
-        group = "machine-wide" if name in MACHINE_WIDE else name
-        item.add_marker(pytest.mark.xdist_group(group))
+        if item.path.name in MACHINE_WIDE:
+            item.add_marker(pytest.mark.machine_wide)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
