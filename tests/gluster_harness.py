@@ -103,11 +103,7 @@ def unavailable(private_net: bool = False) -> str | None:
             return f"{tool} is not installed (Debian packages: {PACKAGES}, iproute2)"
     if private_net:
         return None if shutil.which("ip") else "ip is not installed (Debian package: iproute2)"
-    # a bed torn down just before (the previous test's, or a torture run's) may still be
-    # letting go of the port: wait for it a while before calling the machine busy
-    deadline = time.monotonic() + 30
-    while (owner := port_owner(GLUSTERD_PORT)) is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    owner = port_owner(GLUSTERD_PORT)
     if owner is not None:
         return (
             f"TCP port {GLUSTERD_PORT} is in use (another glusterd or test bed: one bed per "
