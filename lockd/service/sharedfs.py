@@ -522,9 +522,7 @@ class Verifier:
                 reasons = await self._in_thread(functools.partial(self.probe_all, batch))
             finally:
                 for lease in batch:
-                    fut, lease.settled = lease.settled, None
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+                    self.service.settle(lease)
             probed += len(batch)
             for lease, reason in zip(batch, reasons, strict=True):
                 # before anyone woken above runs: nothing can have changed the lease
